@@ -1,0 +1,1 @@
+"""Export side (torch, transformers, onnx): Qwen3-VL to ONNX graphs plus a manifest, proven against transformers."""

@@ -1,0 +1,42 @@
+"""python -m export --model NAME|FOLDER|HUB_ID [--out graphs/NAME] [--dtype fp32] [--random-weights] [--force]
+[--no-verify]"""
+
+import argparse
+import sys
+
+from .pipeline import DTYPES, ExportOptions, run
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export", description="Export Qwen3-VL to ONNX for streaming.")
+    parser.add_argument("--model", required=True,
+                        help="tiny, Qwen3-VL-2B, Qwen3-VL-4B, Qwen3-VL-8B, a local Hugging Face folder, or a hub id")
+    parser.add_argument("--out", help="output folder (default graphs/<name>)")
+    parser.add_argument("--dtype", default="fp32", choices=DTYPES)
+    parser.add_argument("--random-weights", action="store_true",
+                        help="the real architecture and sizes with random weights (offline)")
+    parser.add_argument("--force", action="store_true", help="replace an existing export")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip the proof against transformers")
+    args = parser.parse_args(argv)
+    from runtime.manifest import ManifestError
+
+    from .load import SourceError
+    from .verify import VerificationError
+
+    try:
+        run(ExportOptions(args.model, args.out, args.dtype, args.random_weights, args.force, args.verify))
+    except (SourceError, ManifestError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except VerificationError as error:
+        print(f"error: the export does not match transformers: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

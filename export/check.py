@@ -1,0 +1,101 @@
+"""Graph lint: would every node run as exported, with static shapes, on the MIGraphX execution provider?
+
+    python -m export.check graphs/NAME
+
+Checks every node of every graph in the manifest: op types MIGraphX takes (and no control flow or NonZero),
+shape-like inputs (Reshape shape, Slice bounds, Expand shape, ...) that derive from constants or `Shape` only,
+never from tensor values, refused modes, tensor dtypes; and each graph's inputs and outputs against the
+manifest. Prints each offender by node name and exits 1 if there is any. Rules: `migraphx_ops.json`.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import onnx
+
+from runtime.manifest import Manifest, ManifestError, ONNX_DTYPES
+
+RULES = json.loads((Path(__file__).parent / "migraphx_ops.json").read_text())
+FORBIDDEN = {"Loop", "If", "Scan", "NonZero", "SequenceConstruct", "SequenceAt", "SplitToSequence",
+             "ConcatFromSequence", "Unique"}  # control flow and data-dependent output shapes
+SHAPE_SOURCES = {"Shape", "Size", "Constant"}
+
+
+def check_model(model: onnx.ModelProto) -> list[str]:
+    graph = model.graph
+    problems = []
+    static = {init.name for init in graph.initializer}  # tensors whose values are known before any input arrives
+    allowed_types = {getattr(onnx.TensorProto, t) for t in RULES["allowed_types"]}
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({i.name: i.data_type for i in graph.initializer})
+    for node in graph.node:
+        where = f"{node.op_type} node {node.name or '(unnamed)'}"
+        if node.op_type in FORBIDDEN:
+            problems.append(f"{where}: {node.op_type} is not allowed (control flow or value-dependent shape)")
+        elif node.op_type not in RULES["supported_ops"]:
+            problems.append(f"{where}: op {node.op_type} is not supported by the MIGraphX execution provider")
+        for index in RULES["constant_inputs"].get(node.op_type, []):
+            if index < len(node.input) and node.input[index] and node.input[index] not in static:
+                problems.append(f"{where}: input {index} ({node.input[index]}) depends on tensor values; "
+                                "shape inputs must come from constants or Shape")
+        problems += [f"{where}: {mode}" for mode in _refused_modes(node)]
+        for name in [*node.input, *node.output]:
+            if name and name in types and types[name] not in allowed_types:
+                problems.append(f"{where}: tensor {name} has a dtype MIGraphX refuses ({types[name]})")
+        if node.op_type in SHAPE_SOURCES or all(i in static for i in node.input if i):
+            static.update(node.output)
+    return problems
+
+
+def _refused_modes(node) -> list[str]:
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type in ("Resize", "Upsample") and attrs.get("mode") == b"cubic":
+        return ["cubic Resize is refused"]
+    if node.op_type == "Pad" and attrs.get("mode", b"constant") not in (b"constant", b"reflect"):
+        return [f"Pad mode {attrs['mode'].decode()} is refused"]
+    if node.op_type in ("ArgMax", "ArgMin") and attrs.get("select_last_index", 0):
+        return ["select_last_index is refused"]
+    return []
+
+
+def check_contract(model: onnx.ModelProto, contract: dict) -> list[str]:
+    """The graph's inputs and outputs must be exactly those the manifest promises."""
+    def describe(values):
+        return [{"name": v.name, "dtype": ONNX_DTYPES.get(v.type.tensor_type.elem_type),
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+
+    problems = []
+    for kind, values in (("inputs", model.graph.input), ("outputs", model.graph.output)):
+        if describe(values) != contract[kind]:
+            problems.append(f"{kind} differ from the manifest: graph has {[v.name for v in values][:6]}...")
+    return problems
+
+
+def check(root: str | Path) -> list[str]:
+    manifest = Manifest.load(root)
+    problems = []
+    for name, contract in manifest["graphs"].items():
+        model = onnx.load(str(manifest.path(contract["file"])), load_external_data=False)
+        problems += [f"{contract['file']}: {p}" for p in check_model(model) + check_contract(model, contract)]
+    return problems
+
+
+def main(argv=None) -> int:
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 1:
+        print("usage: python -m export.check graphs/NAME", file=sys.stderr)
+        return 2
+    try:
+        problems = check(args[0])
+    except ManifestError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for problem in problems:
+        print(problem)
+    print(f"{args[0]}: {'ready for MIGraphX' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""One decoder step over S new tokens, as an exportable module: the transformers weights, our own forward.
+
+The graph is a pure function. The runtime owns the cache: it passes every layer's past keys and values and a
+mask over the cache slots, and gets back only the new tokens' keys and values (returning the whole cache would
+copy it every step). Past keys are stored **after** RoPE, so a decode step reads the cache once and its cost
+stays flat in cache length. Each new key also comes out **before** RoPE (`new_key_raw`): the runtime keeps that
+master copy and re-rotates it once per chunk when eviction changes positions, so no rounding error accumulates.
+"""
+
+import torch
+from torch import nn
+
+MASKED = -1e9  # added to the scores of masked slots: exp() underflows to exactly 0, and fully masked rows stay finite
+
+
+class DecoderStep(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        lm = model.model.language_model
+        cfg = lm.config
+        self.layers = lm.layers
+        self.norm = lm.norm
+        self.lm_head = model.lm_head
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.n_deepstack = len(model.config.vision_config.deepstack_visual_indexes)
+        section = cfg.rope_parameters["mrope_section"]
+        # Interleaved MRoPE: frequency channel j follows h if j % 3 == 1, w if j % 3 == 2 (within 3 * section),
+        # else t. As a one-hot [3, hd/2] the selection is an exact multiply-add.
+        axis = torch.zeros(self.head_dim // 2, dtype=torch.long)
+        axis[1:3 * section[1]:3] = 1
+        axis[2:3 * section[2]:3] = 2
+        self.register_buffer("channel_axis", nn.functional.one_hot(axis, 3).T.float().contiguous())
+        self.register_buffer("inv_freq", lm.rotary_emb.inv_freq.detach().clone())
+
+    def forward(self, inputs_embeds, deepstack_embeds, position_ids, attention_mask, past_keys, past_values):
+        # inputs_embeds:    f32 [B, S, H]
+        # deepstack_embeds: f32 [n_deepstack, B, S, H]  zero at non-visual positions
+        # position_ids:     i64 [3, B, S]               (t, h, w) of the new tokens
+        # attention_mask:   i64 [B, T+S]                1 = attend; T cache slots, then the S new tokens
+        # past_keys[i]:     f32 [B, kv, T, hd]          after RoPE
+        # past_values[i]:   f32 [B, kv, T, hd]
+        # -> logits [B, V] of the last position, new_keys[i] / new_values[i] / new_keys_raw[i] [B, kv, S, hd]
+        batch, new, _ = inputs_embeds.shape
+        past = past_keys[0].shape[2]
+        cos, sin = self._rope(position_ids)
+        bias = self._mask_bias(attention_mask, past, new)
+
+        x = inputs_embeds
+        new_keys, new_values, new_keys_raw = [], [], []
+        for i, layer in enumerate(self.layers):
+            attn_out, key, value, key_raw = self._attention(
+                layer.self_attn, layer.input_layernorm(x), cos, sin, bias, past_keys[i], past_values[i])
+            x = x + attn_out
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            if i < self.n_deepstack:
+                x = x + deepstack_embeds[i]
+            new_keys.append(key)
+            new_values.append(value)
+            new_keys_raw.append(key_raw)
+        logits = self.lm_head(self.norm(x[:, -1]))
+        return logits, new_keys, new_values, new_keys_raw
+
+    def _rope(self, position_ids):
+        pos = (position_ids.float().unsqueeze(-1) * self.channel_axis[:, None, None, :]).sum(0)  # [B, S, hd/2]
+        angles = pos * self.inv_freq
+        angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)  # [B, 1, S, hd]
+        return angles.cos(), angles.sin()
+
+    def _mask_bias(self, attention_mask, past, new):
+        # [B, 1, 1, S, T+S]: cache slots as the mask says; new tokens causally among themselves, and as the mask says
+        keep = attention_mask.bool()
+        causal = torch.ones(new, new, dtype=torch.bool, device=keep.device).tril()
+        keep_new = keep[:, None, past:] & causal  # [B, S, S]
+        keep_past = keep[:, None, :past].expand(-1, new, -1)  # [B, S, T]
+        keep = torch.cat([keep_past, keep_new], dim=-1)
+        zero = torch.zeros((), dtype=torch.float32)
+        return torch.where(keep, zero, torch.full((), MASKED)).unsqueeze(1).unsqueeze(1)
+
+    def _attention(self, attn, x, cos, sin, bias, past_key, past_value):
+        batch, new, _ = x.shape
+        groups = self.heads // self.kv_heads
+        q = attn.q_norm(attn.q_proj(x).view(batch, new, self.heads, self.head_dim)).transpose(1, 2)
+        key_raw = attn.k_norm(attn.k_proj(x).view(batch, new, self.kv_heads, self.head_dim)).transpose(1, 2)
+        value = attn.v_proj(x).view(batch, new, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        key = key_raw * cos + _rotate_half(key_raw) * sin
+
+        # GQA without repeating the cache: query head h uses kv head h // groups, so fold the groups into rows.
+        # Scaling q before the product keeps Q.K^T in range in fp16.
+        q = (q * attn.scaling).reshape(batch, self.kv_heads, groups * new, self.head_dim)
+        # Past and new keys are multiplied separately so the cache is never concatenated (copied) per step.
+        scores = torch.cat([q @ past_key.transpose(-1, -2), q @ key.transpose(-1, -2)], dim=-1)
+        scores = scores.view(batch, self.kv_heads, groups, new, -1) + bias
+        probs = torch.softmax(scores, dim=-1).view(batch, self.kv_heads, groups * new, -1)
+        past = past_key.shape[2]
+        out = probs[..., :past] @ past_value + probs[..., past:] @ value
+        out = out.view(batch, self.heads, new, self.head_dim).transpose(1, 2).reshape(batch, new, -1)
+        return attn.o_proj(out), key, value, key_raw
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)

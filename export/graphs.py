@@ -1,0 +1,96 @@
+"""Trace the vision encoder and the decoder step to ONNX with `torch.onnx.export(dynamo=True)`.
+
+Opset 18 on purpose: newer opsets turn GELU, RMSNorm and attention into single ops (`Gelu`, `RMSNormalization`,
+`Attention`) that MIGraphX either lacks or parses as the com.microsoft op of the same name with other semantics.
+"""
+
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch.export import Dim
+
+from .decoder import DecoderStep
+from .vision import VisionEncoder
+
+OPSET = 18
+EXTERNAL_DATA_BYTES = 1 << 30  # above this much weight a graph keeps its weights in `<graph>.onnx.data` (protobuf caps at 2 GB)
+
+
+def decoder_names(layers: int) -> tuple[list[str], list[str]]:
+    inputs = ["inputs_embeds", "deepstack_embeds", "position_ids", "attention_mask"]
+    inputs += [f"past_key.{i}" for i in range(layers)] + [f"past_value.{i}" for i in range(layers)]
+    outputs = ["logits"] + [f"new_key.{i}" for i in range(layers)] + [f"new_value.{i}" for i in range(layers)]
+    outputs += [f"new_key_raw.{i}" for i in range(layers)]
+    return inputs, outputs
+
+
+VISION_INPUTS = ["patches", "pos_taps", "pos_weights", "rotary_pos"]
+VISION_OUTPUTS = ["embeds", "deepstack"]
+
+
+def export_vision(model, path: Path, metadata: dict) -> None:
+    cfg = model.config.vision_config
+    encoder = VisionEncoder(model.model.visual).eval()
+    merge = cfg.spatial_merge_size
+    frames, patches = 2, 4 * merge * merge  # sample sizes only: both dims are symbolic in the graph
+    row = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+    args = (torch.randn(frames, patches, row), torch.zeros(patches, 4, dtype=torch.long),
+            torch.full((patches, 4), 0.25), torch.zeros(patches, 2, dtype=torch.long))
+    t, p = Dim("frames"), Dim("patches")
+    _export(encoder, args, path, VISION_INPUTS, VISION_OUTPUTS,
+            ({0: t, 1: p}, {0: p}, {0: p}, {0: p}), metadata, {"((patches*frames)//4)": "tokens"})
+
+
+def export_decoder(model, path: Path, metadata: dict) -> None:
+    cfg = model.config.text_config
+    step = DecoderStep(model).eval()
+    layers, kv, hd, hidden = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+    batch, new, past = 2, 3, 5  # sample sizes only (>= 2, so that the tracer keeps the dims symbolic)
+    n_deepstack = len(model.config.vision_config.deepstack_visual_indexes)
+    args = (torch.randn(batch, new, hidden), torch.zeros(n_deepstack, batch, new, hidden),
+            torch.zeros(3, batch, new, dtype=torch.long), torch.ones(batch, past + new, dtype=torch.long),
+            [torch.randn(batch, kv, past, hd) for _ in range(layers)],
+            [torch.randn(batch, kv, past, hd) for _ in range(layers)])
+    b, s, t = Dim("batch"), Dim("new"), Dim("past")
+    cache = [{0: b, 2: t}] * layers
+    inputs, outputs = decoder_names(layers)
+    _export(step, args, path, inputs, outputs,
+            ({0: b, 1: s}, {1: b, 2: s}, {1: b, 2: s}, {0: b, 1: Dim.AUTO}, cache, cache), metadata, {})
+
+
+def _export(module, args, path, inputs, outputs, dynamic_shapes, metadata, rename):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weight_bytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" and friends
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, args, input_names=inputs, output_names=outputs,
+                                    dynamic_shapes=dynamic_shapes, dynamo=True, opset_version=OPSET,
+                                    optimize=True, verbose=False)
+    for stale in (path, path.with_name(path.name + ".data")):
+        stale.unlink(missing_ok=True)
+    program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+    # Stamp the metadata and dim names into the graph proto; the weights (maybe external) stay where they are.
+    model = onnx.load(str(path), load_external_data=False)
+    _name_dims(model, rename)
+    for key, value in metadata.items():
+        model.metadata_props.add(key=key, value=str(value))
+    onnx.save_model(model, str(path))
+
+
+def _name_dims(model: onnx.ModelProto, rename: dict) -> None:
+    """Give the symbolic dims readable names: `past+new` for the mask, `tokens` for the vision outputs."""
+    graph = model.graph
+    dims = {}
+    for value in graph.input:
+        for d in value.type.tensor_type.shape.dim:
+            dims.setdefault(value.name, []).append(d.dim_param or d.dim_value)
+    if "attention_mask" in dims and "past_key.0" in dims:
+        rename[dims["attention_mask"][1]] = "past+new"
+    for value in [*graph.input, *graph.output]:
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param in rename:
+                d.dim_param = rename[d.dim_param]

@@ -1,0 +1,1 @@
+"""Serve side (numpy, onnxruntime, av, tokenizers; never torch): stream a video through the exported graphs."""

@@ -1,0 +1,148 @@
+"""The StreamingVLM loop: per chunk, evict, re-position, encode the frames, prefill, decode a short reply."""
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .context import Context, Round, Segment, Settings
+from .kvcache import KVCache
+from .model import Model
+from .preprocess import patchify
+from .prompt import Prompter
+from .rope import Rope
+from .sampling import Sampler, Sampling
+from .video import Chunk
+
+
+@dataclass
+class StreamConfig:
+    settings: Settings = field(default_factory=Settings)
+    sampling: Sampling = field(default_factory=Sampling)
+    max_new_tokens: int = 20
+    query: str = "Commentate on this match"
+    previous_text: str = ""
+    system: str | None = None
+    timestamps: bool = False  # also write Qwen3-VL's own "<t seconds>" before each chunk's vision tokens
+
+
+@dataclass
+class Reply:
+    index: int
+    start: float
+    end: float
+    tokens: list[int]
+    text: str
+    cache_tokens: int  # retained context after this chunk
+    seconds: dict[str, float]  # time per stage
+    logits: np.ndarray  # [V] after the prefill: what the first reply token is chosen from
+
+
+class Commentator:
+    def __init__(self, model: Model, config: StreamConfig):
+        manifest = model.manifest
+        self.model, self.config = model, config
+        self.prep, self.ids = manifest["preprocess"], manifest["tokens"]
+        self.stop = set(manifest["stop_tokens"])
+        self.prompter = Prompter(manifest, config.system, config.previous_text, config.query, config.timestamps)
+        self.context = Context(config.settings, suffix=self.prompter.suffix)
+        self.sampler = Sampler(config.sampling)
+        text = manifest["text"]
+        self.rope = Rope(text["inv_freq"], text["mrope_section"])
+        self.cache: KVCache | None = None  # sized once the frame size is known
+        self.chunks = 0
+
+    def capacity(self, tokens_per_chunk: int) -> int:
+        """Slots the steady state needs: the fixed head, the previous text, the kept rounds and the new chunk."""
+        s, p = self.config.settings, self.prompter
+        fixed = len(p.head()) + len(p.previous_close()) + min(len(p.previous()), s.text_sink + s.text_window)
+        fixed += len(p.encode(self.config.query)) + s.text_sink + s.text_window
+        per_round = tokens_per_chunk + 32 + self.config.max_new_tokens  # vision, Time= text, shell, reply
+        rounds = min(max(s.window_size, s.text_round), 64) + 1  # a cache that outgrows this grows on demand
+        return fixed + rounds * per_round
+
+    def step(self, chunk: Chunk) -> Reply:
+        seconds, t = {}, time.perf_counter()
+        patches = patchify(chunk.frames, self.prep["patch_size"], self.prep["temporal_patch_size"],
+                           self.prep["merge_size"], self.prep["image_mean"], self.prep["image_std"],
+                           self.prep["rescale_factor"])
+        p, m = self.prep["patch_size"], self.prep["merge_size"]
+        grid_h, grid_w = chunk.frames.shape[1] // p, chunk.frames.shape[2] // p
+        grid = (grid_h // m, grid_w // m)
+        seconds["preprocess"], t = time.perf_counter() - t, time.perf_counter()
+        vision_embeds, vision_deepstack = self.model.encode_video(patches, grid_h, grid_w)
+        seconds["vision"], t = time.perf_counter() - t, time.perf_counter()
+
+        if self.cache is None:
+            cfg = self.model
+            self.cache = KVCache(cfg.layers, cfg.kv_heads, cfg.head_dim,
+                                 self.capacity(len(patches) * grid[0] * grid[1]), self.rope)
+        self._evict_and_add(chunk, len(patches), grid)
+        logits = self._prefill(vision_embeds, vision_deepstack)
+        seconds["prefill"], t = time.perf_counter() - t, time.perf_counter()
+        tokens = self._decode(logits)
+        seconds["decode"] = time.perf_counter() - t
+        self.chunks += 1
+        return Reply(chunk.index, chunk.start, chunk.end, tokens, self.prompter.decode(tokens),
+                     len(self.context.tokens()), seconds, logits)
+
+    def _segment(self, tokens: np.ndarray, kind: str = "text", grid=None) -> Segment:
+        return Segment(tokens, self.cache.allocate(len(tokens)), grid, kind)
+
+    def _evict_and_add(self, chunk: Chunk, patches: int, grid: tuple[int, int]) -> None:
+        ctx, prompter, index = self.context, self.prompter, self.chunks
+        for slots in ctx.evict(index):
+            self.cache.free(slots)
+        if index == 0:
+            ctx.head = self._segment(prompter.head())
+            ctx.previous = self._segment(prompter.previous())
+            ctx.previous_close = self._segment(prompter.previous_close())
+        elif ctx.rounds and ctx.rounds[-1].index == index - 1 and not ctx.rounds[-1].folded:
+            ctx.rounds[-1].close = self._segment(prompter.close())
+        user = [self._segment(ids, kind, grid if kind == "vision" else None)
+                for kind, ids in prompter.user_turn(chunk.start, chunk.end, grid[0] * grid[1], patches, index == 0)]
+        ctx.rounds.append(Round(index, user, self._segment(prompter.open())))
+
+    def _prefill(self, vision_embeds: np.ndarray, vision_deepstack: np.ndarray) -> np.ndarray:
+        """One decoder call over every retained token not yet fed (this chunk's prompt and what the last reply
+        left unfed), after re-rotating the cached keys whose position the eviction changed."""
+        ctx, cache, model = self.context, self.cache, self.model
+        slots, positions = ctx.slots(), ctx.positions()
+        cache.reposition(slots, positions)
+        fresh = len(slots) - np.flatnonzero(cache.written[slots]).max(initial=-1) - 1  # the unfed tail
+        tokens, slots, positions = ctx.tokens()[-fresh:], slots[-fresh:], positions[:, -fresh:]
+        embeds = model.embed(tokens)
+        visual = tokens == self.ids["video_pad"]
+        embeds[visual] = vision_embeds
+        deepstack = np.zeros((model.n_deepstack, 1, fresh, model.hidden), np.float32)
+        deepstack[:, 0, visual] = vision_deepstack
+        mask = np.concatenate([cache.past_mask(), np.ones(fresh, np.int64)])[None]
+        out = model.step(embeds[None], deepstack, positions[:, None], mask, cache.keys, cache.values)
+        cache.write(slots, positions, out.keys, out.keys_raw, out.values)
+        self._next_position = int(positions[0, -1]) + 1
+        return out.logits[0]
+
+    def _decode(self, logits: np.ndarray) -> list[int]:
+        """Up to max_new_tokens; every token but the last is fed at once, the last (or the cap's) at the next
+        prefill, so that eviction happens before it is seen, as in the reference."""
+        ctx, cache, model = self.context, self.cache, self.model
+        seen = ctx.tokens()
+        reply = ctx.rounds[-1].reply = self._segment(np.zeros(0, np.int64))
+        zeros = np.zeros((model.n_deepstack, 1, 1, model.hidden), np.float32)
+        tokens = []
+        for k in range(self.config.max_new_tokens):
+            token = self.sampler(logits, np.concatenate([seen, tokens]).astype(np.int64))
+            if token in self.stop:
+                break
+            tokens.append(token)
+            slot = cache.allocate(1)
+            reply.tokens, reply.slots = np.append(reply.tokens, token), np.append(reply.slots, slot)
+            if k == self.config.max_new_tokens - 1:
+                break
+            position = np.full((3, 1), self._next_position, np.int64)
+            mask = np.concatenate([cache.past_mask(), [1]])[None]
+            out = model.step(model.embed([token])[None], zeros, position[:, None], mask, cache.keys, cache.values)
+            cache.write(slot, position, out.keys, out.keys_raw, out.values)
+            self._next_position += 1
+            logits = out.logits[0]
+        return tokens

@@ -1,0 +1,126 @@
+"""The retained conversation of a stream and StreamingVLM's eviction policy over it.
+
+Logical layout (what the model sees, in order):
+
+    [head: system block, "<|im_start|>previous text\\n"] [pinned query] [previous text: sink + window]
+    ["<|im_end|>\\n"] [rounds: user turn (Time= text, vision), "<|im_start|>assistant\\n", reply, "<|im_end|>\\n"]
+
+Every segment owns the physical cache slots of its tokens; this module only decides which segments stay and in
+what order. Positions are recomputed over the whole retained sequence after each eviction (contiguous RoPE), so
+evicted tokens leave no gaps and moved tokens take the positions of their new place.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .positions import rope_positions
+
+
+@dataclass
+class Segment:
+    tokens: np.ndarray  # int64 token ids
+    slots: np.ndarray  # int64 physical cache slots, one per token
+    grid: tuple[int, int] | None = None  # a vision block of one temporal patch: merged (rows, cols); None = text
+    kind: str = "text"  # "text", "vision" or "query" (the user's question, which may be pinned)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class Round:
+    """One chunk's exchange. `user` ends with the user's <|im_end|>\\n; `open` is <|im_start|>assistant\\n."""
+    index: int  # the chunk it belongs to
+    user: list[Segment]
+    open: Segment
+    reply: Segment = field(default_factory=lambda: _empty())  # the generated content
+    # <|im_end|>\\n, fed at the start of the next chunk's prefill (after its eviction), unless the reply is
+    # already folded by then (text_round 1): then the shell it belongs to is gone and it is never fed
+    close: Segment = field(default_factory=lambda: _empty())
+    folded: bool = False  # the reply has moved into the previous text
+
+    def segments(self) -> list[Segment]:
+        return [s for s in (*self.user, self.open, self.reply, self.close) if len(s)]
+
+
+@dataclass
+class Settings:
+    window_size: int = 16  # user turns (with their vision tokens) kept
+    text_round: int = 16  # (user, assistant) rounds whose reply stays verbatim
+    text_sink: int = 512  # first previous-text tokens kept forever
+    text_window: int = 512  # last previous-text tokens kept
+    keep_query: bool = False  # pin the first turn's query instead of forgetting it with that turn
+
+
+def _empty() -> Segment:
+    return Segment(np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+
+def _join(a: Segment, b: Segment) -> Segment:
+    return Segment(np.concatenate([a.tokens, b.tokens]), np.concatenate([a.slots, b.slots]))
+
+
+@dataclass
+class Context:
+    settings: Settings
+    suffix: tuple[int, ...] = ()  # token ids of the trained " ..." ending, dropped when a reply is folded
+    head: Segment = field(default_factory=_empty)
+    pinned: list[Segment] = field(default_factory=list)
+    previous: Segment = field(default_factory=_empty)  # content of the "previous text" block
+    previous_close: Segment = field(default_factory=_empty)
+    rounds: list[Round] = field(default_factory=list)
+
+    def segments(self) -> list[Segment]:
+        out = [self.head, *self.pinned, self.previous, self.previous_close]
+        for r in self.rounds:
+            out += r.segments()
+        return [s for s in out if len(s)]
+
+    def tokens(self) -> np.ndarray:
+        return np.concatenate([s.tokens for s in self.segments()])
+
+    def slots(self) -> np.ndarray:
+        return np.concatenate([s.slots for s in self.segments()])
+
+    def positions(self) -> np.ndarray:
+        """Positions [3, n] of the retained tokens in logical order, counted from 0 without gaps."""
+        return rope_positions([s.grid if s.grid else len(s) for s in self.segments()])[0]
+
+    def evict(self, chunk: int) -> list[np.ndarray]:
+        """StreamingVLM's eviction at the start of `chunk`, before its prefill; returns the freed slots."""
+        s, freed = self.settings, []
+        for r in self.rounds:
+            # 1. a reply text_round chunks old moves, with its K/V, to the end of the previous text; its shell goes
+            if chunk - r.index >= s.text_round and not r.folded:
+                freed += self._fold(r)
+            # 2. a user turn max(window_size, text_round) chunks old goes: Time= text, vision, the first query
+            if chunk - r.index >= max(s.window_size, s.text_round) and r.user:
+                freed += self._drop_user(r)
+        self.rounds = [r for r in self.rounds if r.segments()]
+        # 3. the previous text keeps its first text_sink and last text_window tokens
+        if len(self.previous) > s.text_sink + s.text_window:
+            cut = np.arange(s.text_sink, len(self.previous) - s.text_window)
+            freed.append(self.previous.slots[cut])
+            self.previous = Segment(np.delete(self.previous.tokens, cut), np.delete(self.previous.slots, cut))
+        return [f for f in freed if len(f)]
+
+    def _fold(self, r: Round) -> list[np.ndarray]:
+        freed = [r.open.slots, r.close.slots]
+        reply, n = r.reply, len(self.suffix)
+        if n and len(reply) >= n and tuple(reply.tokens[-n:]) == self.suffix:
+            freed.append(reply.slots[-n:])
+            reply = Segment(reply.tokens[:-n], reply.slots[:-n])
+        self.previous = _join(self.previous, reply)
+        r.open, r.reply, r.close, r.folded = _empty(), _empty(), _empty(), True
+        return freed
+
+    def _drop_user(self, r: Round) -> list[np.ndarray]:
+        freed = []
+        for segment in r.user:
+            if segment.kind == "query" and self.settings.keep_query:
+                self.pinned.append(segment)
+            else:
+                freed.append(segment.slots)
+        r.user = []
+        return freed

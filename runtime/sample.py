@@ -1,0 +1,75 @@
+"""Write a synthetic test clip: `python -m runtime.sample OUT [--seconds 12] [--size 320x240] [--fps 25]`.
+
+The picture changes every frame (drifting background, moving shapes) so that consecutive seconds differ and a
+pipeline that reuses or drops frames shows it.
+"""
+
+import argparse
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+def synthetic_frame(index: int, width: int, height: int, fps: int) -> np.ndarray:
+    """Frame `index` of the clip: uint8 [height, width, 3] RGB, a pure function of its arguments."""
+    t = index / fps
+    y, x = np.mgrid[0:height, 0:width]
+    frame = np.empty((height, width, 3), np.uint8)
+    frame[..., 0] = (x * 200 // width + 50 * t) % 256
+    frame[..., 1] = (y * 200 // height + 30 * t) % 256
+    frame[..., 2] = 128 + 100 * np.sin(t)
+    # A box sweeping left to right and a disc moving on a circle, both in saturated colors.
+    side = max(height // 4, 2)
+    left = int(t * width / 3) % max(width - side, 1)
+    frame[height // 8:height // 8 + side, left:left + side] = (255, 40, 40)
+    cy = height / 2 + height / 4 * np.sin(1.3 * t)
+    cx = width / 2 + width / 4 * np.cos(1.3 * t)
+    frame[(y - cy) ** 2 + (x - cx) ** 2 < (side / 2) ** 2] = (30, 220, 60)
+    return frame
+
+
+def default_codec() -> str:
+    """H.264 when this PyAV build can encode it, else MPEG-4 part 2 (always built into FFmpeg)."""
+    try:
+        av.Codec("h264", "w")
+        return "h264"
+    except av.codec.codec.UnknownCodecError:
+        return "mpeg4"
+
+
+def write_clip(path: str | Path, seconds: float, width: int, height: int, fps: int,
+               codec: str | None = None, pix_fmt: str | None = None) -> Path:
+    """Encode round(seconds * fps) synthetic frames to `path` (overwritten); returns the path.
+
+    `codec` / `pix_fmt` default to H.264 (or MPEG-4) in yuv420p; pass e.g. ("ffv1", "bgr0") for a lossless clip.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec or default_codec(), rate=fps)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = pix_fmt or "yuv420p"
+        for index in range(round(seconds * fps)):
+            frame = av.VideoFrame.from_ndarray(synthetic_frame(index, width, height, fps), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())  # flush the encoder's delayed frames
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, help="output video file, e.g. samples/clip.mp4")
+    parser.add_argument("--seconds", type=float, default=12.0)
+    parser.add_argument("--size", default="320x240", help="WIDTHxHEIGHT, even numbers")
+    parser.add_argument("--fps", type=int, default=25)
+    args = parser.parse_args()
+    try:
+        width, height = (int(side) for side in args.size.lower().split("x"))
+    except ValueError:
+        parser.error(f"--size must look like 320x240, got {args.size!r}")
+    print(write_clip(args.out, args.seconds, width, height, args.fps))
+
+
+if __name__ == "__main__":
+    main()

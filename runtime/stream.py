@@ -1,0 +1,150 @@
+"""python -m runtime.stream VIDEO [--graphs graphs/NAME] [--out commentary.vtt] [options]
+
+Streams a video through the exported graphs and writes one timed cue per chunk, flushed as it is produced, so
+that an error or Ctrl-C loses nothing already written. Bad input ends with a one-line error and exit code 1.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .context import Settings
+from .manifest import Manifest, ManifestError
+from .preprocess import smart_resize
+from .providers import ProviderError, choose
+from .sampling import Sampling
+from .subtitles import FORMATS, CueWriter, clean_text, format_for
+from .video import VideoError, read_chunks
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m runtime.stream", description="Live commentary for a video.")
+    p.add_argument("video")
+    p.add_argument("--graphs", help="an export folder or its name under graphs/ (default: the only export there)")
+    p.add_argument("--provider", default="auto", help="auto, migraphx, cuda or cpu (default auto)")
+    p.add_argument("--out", help="subtitle file, or - for stdout (default commentary.vtt)")
+    p.add_argument("--format", choices=FORMATS, help="default: from the --out extension")
+    p.add_argument("--query", default="Commentate on this match")
+    p.add_argument("--previous-text", default="")
+    p.add_argument("--system", default=None)
+    p.add_argument("--timestamps", action="store_true", help="add Qwen3-VL's '<t seconds>' before each chunk")
+    p.add_argument("--fps", type=float, default=2.0, help="frames per second fed to the model")
+    p.add_argument("--chunk-duration", type=float, default=1.0, help="seconds per chunk")
+    p.add_argument("--max-pixels", type=int, help="pixel budget per frame (default from the manifest)")
+    p.add_argument("--window-size", type=int, default=16, help="user turns (vision) kept")
+    p.add_argument("--text-round", type=int, default=16, help="rounds whose reply stays verbatim (>= 2)")
+    p.add_argument("--text-sink", type=int, default=512)
+    p.add_argument("--text-window", type=int, default=512)
+    p.add_argument("--keep-query", action="store_true", help="pin the query instead of forgetting it")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--temperature", type=float, default=0.9, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.05)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--start", type=float, default=0.0, help="seconds into the video")
+    p.add_argument("--duration", type=float, help="seconds to stream")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
+    p.add_argument("--stats", help="write per-chunk timings as JSON lines to this file")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+class UsageError(Exception):
+    pass
+
+
+def find_graphs(given: str | None) -> Path:
+    if given:  # a folder, or the name of an export under graphs/
+        return Path(given) if Path(given).exists() or not (Path("graphs") / given).is_dir() else Path("graphs") / given
+    found = sorted(p.parent for p in Path("graphs").glob("*/manifest.json"))
+    if len(found) != 1:
+        what = "no export" if not found else f"{len(found)} exports ({', '.join(p.name for p in found)})"
+        raise UsageError(f"graphs/ holds {what}; pass --graphs graphs/NAME (make export MODEL=tiny makes one)")
+    return found[0]
+
+
+def config_from(args, manifest: Manifest):
+    from .commentator import StreamConfig
+
+    for name in ("fps", "chunk_duration"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive")
+    if args.text_round < 2 or args.window_size < 1 or args.max_new_tokens < 1:
+        raise UsageError("--text-round must be >= 2, --window-size and --max-new-tokens >= 1")
+    settings = Settings(args.window_size, args.text_round, args.text_sink, args.text_window, args.keep_query)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
+    return StreamConfig(settings, sampling, args.max_new_tokens, args.query, args.previous_text, args.system,
+                        args.timestamps)
+
+
+def run(args) -> int:
+    from .commentator import Commentator
+    from .model import Model
+
+    manifest = Manifest.load(find_graphs(args.graphs))
+    config = config_from(args, manifest)
+    prep = manifest["preprocess"]
+    factor = prep["patch_size"] * prep["merge_size"]
+    frames_per_chunk = max(1, round(args.fps * args.chunk_duration))
+    out = args.out or "commentary.vtt"
+    fmt = format_for(out, args.format)
+    model = Model(manifest, choose(args.provider), args.threads)
+    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    log(f"graphs {manifest.root} ({manifest['name']}, {manifest['dtype']}); "
+        + ", ".join(f"{name} on {s.get_providers()[0]}" for name, s in model.sessions.items()))
+
+    def resize(height: int, width: int) -> tuple[int, int]:
+        return smart_resize(height, width, factor, prep["min_pixels"], args.max_pixels or prep["max_pixels"])
+
+    commentator = Commentator(model, config)
+    chunks = read_chunks(args.video, resize=resize, chunk_duration=args.chunk_duration,
+                         frames_per_chunk=frames_per_chunk, start=args.start, duration=args.duration,
+                         min_side=prep["patch_size"])
+    stats = open(args.stats, "w") if args.stats else None
+    began = time.perf_counter()
+    with CueWriter(out, fmt) as writer:
+        try:
+            wait = time.perf_counter()
+            for chunk in chunks:
+                decoded = time.perf_counter() - wait
+                reply = commentator.step(chunk)
+                writer.write(reply.start, reply.end, reply.text)  # the writer strips the trained " ..."
+                text = clean_text(reply.text)
+                elapsed = time.perf_counter() - began
+                video_seconds = reply.end - args.start
+                log(f"[{_clock(reply.start)}] {text!r}  ({reply.index + 1} chunks, "
+                    f"{(reply.index + 1) / elapsed:.2f} chunks/s, real-time x{video_seconds / elapsed:.2f}, "
+                    f"cache {reply.cache_tokens} tokens)")
+                if stats:
+                    stats.write(json.dumps({"chunk": reply.index, "cache_tokens": reply.cache_tokens,
+                                            "seconds": {"decode_video": decoded, **reply.seconds}}) + "\n")
+                    stats.flush()
+                wait = time.perf_counter()
+        finally:
+            if stats:
+                stats.close()
+    log(f"wrote {out} ({fmt})")
+    return 0
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 3600):02d}:{int(seconds % 3600 // 60):02d}:{seconds % 60:04.1f}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (VideoError, ManifestError, ProviderError, UsageError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; the cues written so far are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
