@@ -121,7 +121,7 @@ def build_manifest(source: Source, model, out: Path, dtype: str, embeddings: dic
         "chat_template": _chat_template(source),
         # How the runtime must treat the cache (see export/decoder.py).
         "cache": {"past_key": "after RoPE", "new_key_raw": "after k_norm, before RoPE",
-                  "attention_mask": "1 = attend; [B, past + new]; new tokens are causal among themselves",
+                  "past_mask": "1 = attend to the cache slot", "new_mask": "1 = real token, 0 = padding; causal",
                   "deepstack": "added after decoder layers 0..n-1 at visual positions; zero elsewhere"},
         "graphs": {"vision": graph_contract(out / "vision.onnx"), "decoder": graph_contract(out / "decoder.onnx")},
         "embeddings": embeddings,

@@ -34,18 +34,17 @@ class DecoderStep(nn.Module):
         self.register_buffer("channel_axis", nn.functional.one_hot(axis, 3).T.float().contiguous())
         self.register_buffer("inv_freq", lm.rotary_emb.inv_freq.detach().clone())
 
-    def forward(self, inputs_embeds, deepstack_embeds, position_ids, attention_mask, past_keys, past_values):
+    def forward(self, inputs_embeds, deepstack_embeds, position_ids, past_mask, new_mask, past_keys, past_values):
         # inputs_embeds:    f32 [B, S, H]
         # deepstack_embeds: f32 [n_deepstack, B, S, H]  zero at non-visual positions
         # position_ids:     i64 [3, B, S]               (t, h, w) of the new tokens
-        # attention_mask:   i64 [B, T+S]                1 = attend; T cache slots, then the S new tokens
+        # past_mask:        i64 [B, T]                  1 = attend to this cache slot
+        # new_mask:         i64 [B, S]                  1 = a real new token (0 = padding); causal among them
         # past_keys[i]:     f32 [B, kv, T, hd]          after RoPE
         # past_values[i]:   f32 [B, kv, T, hd]
         # -> logits [B, V] of the last position, new_keys[i] / new_values[i] / new_keys_raw[i] [B, kv, S, hd]
-        batch, new, _ = inputs_embeds.shape
-        past = past_keys[0].shape[2]
         cos, sin = self._rope(position_ids)
-        bias = self._mask_bias(attention_mask, past, new)
+        bias = self._mask_bias(past_mask, new_mask)
 
         x = inputs_embeds
         new_keys, new_values, new_keys_raw = [], [], []
@@ -68,12 +67,12 @@ class DecoderStep(nn.Module):
         angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)  # [B, 1, S, hd]
         return angles.cos(), angles.sin()
 
-    def _mask_bias(self, attention_mask, past, new):
-        # [B, 1, 1, S, T+S]: cache slots as the mask says; new tokens causally among themselves, and as the mask says
-        keep = attention_mask.bool()
-        causal = torch.ones(new, new, dtype=torch.bool, device=keep.device).tril()
-        keep_new = keep[:, None, past:] & causal  # [B, S, S]
-        keep_past = keep[:, None, :past].expand(-1, new, -1)  # [B, S, T]
+    def _mask_bias(self, past_mask, new_mask):
+        # [B, 1, 1, S, T+S]: cache slots as past_mask says; new tokens causally among themselves, minus padding
+        new = new_mask.shape[1]
+        causal = torch.ones(new, new, dtype=torch.bool, device=new_mask.device).tril()
+        keep_new = new_mask.bool()[:, None, :] & causal  # [B, S, S]
+        keep_past = past_mask.bool()[:, None, :].expand(-1, new, -1)  # [B, S, T]
         keep = torch.cat([keep_past, keep_new], dim=-1)
         zero = torch.zeros((), dtype=torch.float32)
         return torch.where(keep, zero, torch.full((), MASKED)).unsqueeze(1).unsqueeze(1)

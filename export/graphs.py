@@ -20,7 +20,7 @@ EXTERNAL_DATA_BYTES = 1 << 30  # above this much weight a graph keeps its weight
 
 
 def decoder_names(layers: int) -> tuple[list[str], list[str]]:
-    inputs = ["inputs_embeds", "deepstack_embeds", "position_ids", "attention_mask"]
+    inputs = ["inputs_embeds", "deepstack_embeds", "position_ids", "past_mask", "new_mask"]
     inputs += [f"past_key.{i}" for i in range(layers)] + [f"past_value.{i}" for i in range(layers)]
     outputs = ["logits"] + [f"new_key.{i}" for i in range(layers)] + [f"new_value.{i}" for i in range(layers)]
     outputs += [f"new_key_raw.{i}" for i in range(layers)]
@@ -51,14 +51,15 @@ def export_decoder(model, path: Path, metadata: dict) -> None:
     batch, new, past = 2, 3, 5  # sample sizes only (>= 2, so that the tracer keeps the dims symbolic)
     n_deepstack = len(model.config.vision_config.deepstack_visual_indexes)
     args = (torch.randn(batch, new, hidden), torch.zeros(n_deepstack, batch, new, hidden),
-            torch.zeros(3, batch, new, dtype=torch.long), torch.ones(batch, past + new, dtype=torch.long),
+            torch.zeros(3, batch, new, dtype=torch.long), torch.ones(batch, past, dtype=torch.long),
+            torch.ones(batch, new, dtype=torch.long),
             [torch.randn(batch, kv, past, hd) for _ in range(layers)],
             [torch.randn(batch, kv, past, hd) for _ in range(layers)])
     b, s, t = Dim("batch"), Dim("new"), Dim("past")
     cache = [{0: b, 2: t}] * layers
     inputs, outputs = decoder_names(layers)
     _export(step, args, path, inputs, outputs,
-            ({0: b, 1: s}, {1: b, 2: s}, {1: b, 2: s}, {0: b, 1: Dim.AUTO}, cache, cache), metadata, {})
+            ({0: b, 1: s}, {1: b, 2: s}, {1: b, 2: s}, {0: b, 1: t}, {0: b, 1: s}, cache, cache), metadata, {})
 
 
 def _export(module, args, path, inputs, outputs, dynamic_shapes, metadata, rename):
@@ -82,14 +83,8 @@ def _export(module, args, path, inputs, outputs, dynamic_shapes, metadata, renam
 
 
 def _name_dims(model: onnx.ModelProto, rename: dict) -> None:
-    """Give the symbolic dims readable names: `past+new` for the mask, `tokens` for the vision outputs."""
+    """Give symbolic dims the tracer named after an expression a readable name (`tokens` for vision outputs)."""
     graph = model.graph
-    dims = {}
-    for value in graph.input:
-        for d in value.type.tensor_type.shape.dim:
-            dims.setdefault(value.name, []).append(d.dim_param or d.dim_value)
-    if "attention_mask" in dims and "past_key.0" in dims:
-        rename[dims["attention_mask"][1]] = "past+new"
     for value in [*graph.input, *graph.output]:
         for d in value.type.tensor_type.shape.dim:
             if d.dim_param in rename:

@@ -44,13 +44,15 @@ def run(opts: ExportOptions, log=print) -> Path:
     log(f"building {source.name} ({'random weights' if source.folder is None else source.folder})")
     model = source.build_model()
     metadata = {"format_version": FORMAT_VERSION, "model": source.name, "dtype": opts.dtype}
-    log("exporting vision.onnx")
+    log(f"exporting vision.onnx ({_peak_memory()})")
     graphs.export_vision(model, out / "vision.onnx", metadata)
-    log("exporting decoder.onnx")
+    gc.collect()  # the traced program holds copies of weights: let them go before the next trace
+    log(f"exporting decoder.onnx ({_peak_memory()})")
     graphs.export_decoder(model, out / "decoder.onnx", metadata)
+    gc.collect()
     manifest = artifacts.build_manifest(source, model, out, opts.dtype, artifacts.write_embeddings(model, out),
                                         artifacts.copy_tokenizer(source, out))
-    log(f"exported in {time.perf_counter() - start:.0f} s; checking the graphs")
+    log(f"exported in {time.perf_counter() - start:.0f} s ({_peak_memory()}); checking the graphs")
     problems = []
     for name, contract in manifest["graphs"].items():
         proto = check.onnx.load(str(out / contract["file"]), load_external_data=False)
@@ -67,6 +69,7 @@ def run(opts: ExportOptions, log=print) -> Path:
         log("verifying against transformers (ONNX Runtime, CPU)")
         inputs = verify.cases(source.config)
         expected = verify.reference(model, inputs)
+        log(f"  transformers side done ({_peak_memory()})")
         del model  # the PyTorch weights go before the ONNX ones load: a 4B model does not fit twice
         gc.collect()
         actual = verify.candidate(Model(Manifest(out, manifest)), inputs, source.config)
@@ -75,8 +78,14 @@ def run(opts: ExportOptions, log=print) -> Path:
                                     "greedy_tokens": "identical"}
     manifest["files"] = artifacts.file_table(out)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    log(f"done: {out} in {time.perf_counter() - start:.0f} s")
+    log(f"done: {out} in {time.perf_counter() - start:.0f} s ({_peak_memory()})")
     return out
+
+
+def _peak_memory() -> str:
+    import resource
+
+    return f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"
 
 
 def _up_to_date(out: Path, source: Source, dtype: str) -> bool:

@@ -51,8 +51,10 @@ def cases(config, seed: int = 0) -> dict:
         positions = np.broadcast_to(rng.integers(0, 4 * past + 8, (1, batch, new)), (3, batch, new)).copy()
         positions[1:] += rng.integers(0, 3, (2, batch, new))  # distinct t/h/w rows exercise every MRoPE section
         mask = np.ones((batch, past + new), np.int64)
-        mask[:, : past // 3 : 2] = 0  # evicted or padded slots
+        mask[:, : past // 3 : 2] = 0  # evicted slots
         mask[-1, past // 2] = 0
+        if new > 1:
+            mask[0, past] = 0  # a left-padded new token (static-shape prefill)
         out["decode"].append({
             "label": f"decode B={batch} S={new} cache={past}",
             "keys": [rng.standard_normal(shape, dtype=np.float32) for _ in range(text.num_hidden_layers)],
@@ -118,16 +120,17 @@ def candidate(model: Model, cases: dict, config) -> dict:
     deepstack = np.zeros((model.n_deepstack, len(ids), model.hidden), np.float32)
     deepstack[:, visual] = vision_deepstack
     positions, next_pos = rope_positions(spans_of(ids, config.video_token_id, [grid] * frames))
-    step = model.step(embeds[None], deepstack[:, None], positions[:, None], np.ones((1, len(ids)), np.int64),
-                      model.empty_cache(), model.empty_cache())
+    step = model.step(embeds[None], deepstack[:, None], positions[:, None], np.ones((1, 0), np.int64),
+                      np.ones((1, len(ids)), np.int64), model.empty_cache(), model.empty_cache())
     result = {"positions": positions, "logits": step.logits, "keys": step.keys, "values": step.values}
     # greedy decoding, the cache growing by the new tokens' K/V
     keys, values, tokens = step.keys, step.values, [int(step.logits[0].argmax())]
     zeros = np.zeros((model.n_deepstack, 1, 1, model.hidden), np.float32)
     for k in range(GREEDY_TOKENS - 1):
         position = np.full((3, 1, 1), next_pos + k, np.int64)
-        mask = np.ones((1, keys[0].shape[2] + 1), np.int64)
-        step = model.step(model.embed([tokens[-1]])[None], zeros, position, mask, keys, values)
+        one = np.ones((1, 1), np.int64)
+        step = model.step(model.embed([tokens[-1]])[None], zeros, position, np.ones((1, keys[0].shape[2]), np.int64),
+                          one, keys, values)
         keys = [np.concatenate([a, b], axis=2) for a, b in zip(keys, step.keys)]
         values = [np.concatenate([a, b], axis=2) for a, b in zip(values, step.values)]
         tokens.append(int(step.logits[0].argmax()))
@@ -137,7 +140,9 @@ def candidate(model: Model, cases: dict, config) -> dict:
     rope = Rope(text["inv_freq"], text["mrope_section"])
     for case in cases["decode"]:
         deepstack = np.zeros((model.n_deepstack, *case["embeds"].shape), np.float32)
-        step = model.step(case["embeds"], deepstack, case["positions"], case["mask"], case["keys"], case["values"])
+        past = case["keys"][0].shape[2]
+        step = model.step(case["embeds"], deepstack, case["positions"], case["mask"][:, :past], case["mask"][:, past:],
+                          case["keys"], case["values"])
         # the pre-RoPE master copy, rotated on the host as the runtime does after eviction
         out[case["label"]] = {"logits": step.logits, "keys": step.keys, "values": step.values,
                               "keys_raw_rotated": [rope.rotate(k, case["positions"]) for k in step.keys_raw]}

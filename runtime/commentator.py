@@ -55,8 +55,8 @@ class Commentator:
     def capacity(self, tokens_per_chunk: int) -> int:
         """Slots the steady state needs: the fixed head, the previous text, the kept rounds and the new chunk."""
         s, p = self.config.settings, self.prompter
-        fixed = len(p.head()) + len(p.previous_close()) + min(len(p.previous()), s.text_sink + s.text_window)
-        fixed += len(p.encode(self.config.query)) + s.text_sink + s.text_window
+        fixed = len(p.head()) + len(p.previous_close()) + len(p.encode(self.config.query))
+        fixed += max(len(p.previous()), s.text_sink + s.text_window)
         per_round = tokens_per_chunk + 32 + self.config.max_new_tokens  # vision, Time= text, shell, reply
         rounds = min(max(s.window_size, s.text_round), 64) + 1  # a cache that outgrows this grows on demand
         return fixed + rounds * per_round
@@ -116,8 +116,8 @@ class Commentator:
         embeds[visual] = vision_embeds
         deepstack = np.zeros((model.n_deepstack, 1, fresh, model.hidden), np.float32)
         deepstack[:, 0, visual] = vision_deepstack
-        mask = np.concatenate([cache.past_mask(), np.ones(fresh, np.int64)])[None]
-        out = model.step(embeds[None], deepstack, positions[:, None], mask, cache.keys, cache.values)
+        out = model.step(embeds[None], deepstack, positions[:, None], cache.past_mask()[None],
+                         np.ones((1, fresh), np.int64), cache.keys, cache.values)
         cache.write(slots, positions, out.keys, out.keys_raw, out.values)
         self._next_position = int(positions[0, -1]) + 1
         return out.logits[0]
@@ -140,8 +140,8 @@ class Commentator:
             if k == self.config.max_new_tokens - 1:
                 break
             position = np.full((3, 1), self._next_position, np.int64)
-            mask = np.concatenate([cache.past_mask(), [1]])[None]
-            out = model.step(model.embed([token])[None], zeros, position[:, None], mask, cache.keys, cache.values)
+            out = model.step(model.embed([token])[None], zeros, position[:, None], cache.past_mask()[None],
+                             np.ones((1, 1), np.int64), cache.keys, cache.values)
             cache.write(slot, position, out.keys, out.keys_raw, out.values)
             self._next_position += 1
             logits = out.logits[0]

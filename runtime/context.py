@@ -35,8 +35,7 @@ class Round:
     user: list[Segment]
     open: Segment
     reply: Segment = field(default_factory=lambda: _empty())  # the generated content
-    # <|im_end|>\\n, fed at the start of the next chunk's prefill (after its eviction), unless the reply is
-    # already folded by then (text_round 1): then the shell it belongs to is gone and it is never fed
+    # <|im_end|>\n, fed at the start of the next chunk's prefill, after that chunk's eviction
     close: Segment = field(default_factory=lambda: _empty())
     folded: bool = False  # the reply has moved into the previous text
 

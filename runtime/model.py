@@ -6,6 +6,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .manifest import Manifest
+from .providers import SESSION_ERRORS, ProviderError
 from .vision_index import vision_inputs
 
 
@@ -31,8 +32,12 @@ class Model:
         options.intra_op_num_threads = threads
         self.sessions = {}
         for name in ("vision", "decoder"):
-            session = ort.InferenceSession(str(manifest.path(manifest["graphs"][name]["file"])), options,
-                                           providers=list(providers))
+            path = manifest.path(manifest["graphs"][name]["file"])
+            try:
+                session = ort.InferenceSession(str(path), options, providers=list(providers))
+            except SESSION_ERRORS as error:
+                reason = str(error).strip().splitlines()[0][:200]
+                raise ProviderError(f"cannot load {path} on {providers[0]}: {reason}") from None
             manifest.check_session(name, session)
             self.sessions[name] = session
         self.decoder_outputs = [o.name for o in self.sessions["decoder"].get_outputs()]
@@ -51,9 +56,10 @@ class Model:
     def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in range(self.layers)]
 
-    def step(self, inputs_embeds, deepstack_embeds, position_ids, attention_mask, past_keys, past_values) -> StepOutput:
-        feeds = {"inputs_embeds": inputs_embeds, "deepstack_embeds": deepstack_embeds,
-                 "position_ids": position_ids, "attention_mask": attention_mask}
+    def step(self, inputs_embeds, deepstack_embeds, position_ids, past_mask, new_mask, past_keys,
+             past_values) -> StepOutput:
+        feeds = {"inputs_embeds": inputs_embeds, "deepstack_embeds": deepstack_embeds, "position_ids": position_ids,
+                 "past_mask": past_mask, "new_mask": new_mask}
         for i in range(self.layers):
             feeds[f"past_key.{i}"] = past_keys[i]
             feeds[f"past_value.{i}"] = past_values[i]

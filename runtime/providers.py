@@ -1,6 +1,11 @@
 """Which ONNX Runtime execution provider runs the graphs: MIGraphX (AMD), else CUDA, else CPU."""
 
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _state
+
+# What session creation raises for a damaged graph or a provider that cannot start (these are not RuntimeErrors).
+SESSION_ERRORS = (RuntimeError, _state.Fail, _state.InvalidGraph, _state.InvalidProtobuf, _state.NoSuchFile,
+                  _state.InvalidArgument, _state.RuntimeException)
 
 PROVIDERS = {"migraphx": "MIGraphXExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 INSTALL = {"migraphx": "pip install onnxruntime-migraphx (needs ROCm 7.x with MIGraphX)",

@@ -90,14 +90,20 @@ def run(args) -> int:
     factor = prep["patch_size"] * prep["merge_size"]
     frames_per_chunk = max(1, round(args.fps * args.chunk_duration))
     out = args.out or "commentary.vtt"
-    fmt = format_for(out, args.format)
+    try:
+        fmt = format_for(out, args.format)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     model = Model(manifest, choose(args.provider), args.threads)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     log(f"graphs {manifest.root} ({manifest['name']}, {manifest['dtype']}); "
         + ", ".join(f"{name} on {s.get_providers()[0]}" for name, s in model.sessions.items()))
 
     def resize(height: int, width: int) -> tuple[int, int]:
-        return smart_resize(height, width, factor, prep["min_pixels"], args.max_pixels or prep["max_pixels"])
+        try:
+            return smart_resize(height, width, factor, prep["min_pixels"], args.max_pixels or prep["max_pixels"])
+        except ValueError as error:  # e.g. an aspect ratio over 200
+            raise VideoError(f"{args.video}: {error}") from None
 
     commentator = Commentator(model, config)
     chunks = read_chunks(args.video, resize=resize, chunk_duration=args.chunk_duration,
@@ -138,7 +144,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (VideoError, ManifestError, ProviderError, UsageError, ValueError) as error:
+    except (VideoError, ManifestError, ProviderError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -23,7 +23,8 @@ def test_tiny_export_is_complete_and_proven(tiny_graphs):
     table = np.load(tiny_graphs / "embed_tokens.npy", mmap_mode="r")
     assert list(table.shape) == manifest["embeddings"]["shape"] == [151936, 64]
     decoder = {v["name"]: v["shape"] for v in manifest["graphs"]["decoder"]["inputs"]}
-    assert decoder["past_key.0"] == ["batch", 2, "past", 32] and decoder["attention_mask"] == ["batch", "past+new"]
+    assert decoder["past_key.0"] == ["batch", 2, "past", 32] and decoder["past_mask"] == ["batch", "past"]
+    assert decoder["new_mask"] == ["batch", "new"]
     outputs = [v["name"] for v in manifest["graphs"]["decoder"]["outputs"]]
     assert outputs[:2] == ["logits", "new_key.0"] and "new_key_raw.2" in outputs  # only new tokens' K/V come back
     assert check(tiny_graphs) == []

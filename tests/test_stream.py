@@ -148,7 +148,6 @@ def test_sampling_is_reproducible_with_a_seed(tiny_graphs, tmp_path):
 def _bad_inputs(tmp_path, tiny_graphs):
     (tmp_path / "text.mp4").write_text("not a video\n" * 100)
     good = write_clip(tmp_path / "good.mkv", 3, 64, 48, 10, codec="ffv1", pix_fmt="bgr0")
-    data = good.read_bytes()
     (tmp_path / "truncated.mp4").write_bytes(write_clip(tmp_path / "t.mp4", 3, 64, 48, 10).read_bytes()[:3000])
     tiny = write_clip(tmp_path / "tiny.mkv", 1, 8, 8, 10, codec="ffv1", pix_fmt="bgr0")
     import av
@@ -166,7 +165,13 @@ def _bad_inputs(tmp_path, tiny_graphs):
     stale.mkdir()
     manifest = json.loads((tiny_graphs / "manifest.json").read_text())
     (stale / "manifest.json").write_text(json.dumps({**manifest, "format_version": 0}))
-    del data
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_graphs, damaged)
+    graph = bytearray((damaged / "decoder.onnx").read_bytes())
+    graph[64:4096] = bytes(4032)  # same size, so only loading it can tell
+    (damaged / "decoder.onnx").write_bytes(bytes(graph))
     return {
         "missing": ([str(tmp_path / "nope.mp4")], "no such file"),
         "not a video": ([str(tmp_path / "text.mp4")], "not a readable video"),
@@ -177,6 +182,7 @@ def _bad_inputs(tmp_path, tiny_graphs):
         "no graphs": ([str(good), "--graphs", str(tmp_path)], "missing manifest.json"),
         "old graphs": ([str(good), "--graphs", str(stale)], "export again"),
         "no provider": ([str(good), "--provider", "migraphx"], "onnxruntime-migraphx"),
+        "damaged graph": ([str(good), "--graphs", str(damaged)], "cannot load"),
         "bad format": ([str(good), "--out", str(tmp_path / "x.txt")], "vtt"),
     }
 
