@@ -19,9 +19,9 @@ RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
 
 def write_embeddings(model, out: Path) -> dict:
     """The token embedding table as a plain .npy, so the runtime memory-maps it without torch."""
-    table = model.get_input_embeddings().weight.detach().float().numpy()
+    table = model.get_input_embeddings().weight.detach().numpy()  # in the export dtype
     np.save(out / "embed_tokens.npy", table)
-    return {"file": "embed_tokens.npy", "dtype": "float32", "shape": list(table.shape)}
+    return {"file": "embed_tokens.npy", "dtype": str(table.dtype), "shape": list(table.shape)}
 
 
 def copy_tokenizer(source: Source, out: Path) -> dict:
@@ -33,14 +33,24 @@ def copy_tokenizer(source: Source, out: Path) -> dict:
 
 
 def graph_contract(path: Path) -> dict:
-    """Names, dtypes and symbolic shapes of a graph's inputs and outputs, read from the saved ONNX file."""
+    """Names, dtypes and symbolic shapes of a graph's inputs and outputs, read from the saved ONNX file, and
+    where each external weight lies in its data file (so the runtime can map it once for several sessions)."""
     graph = onnx.load(str(path), load_external_data=False).graph
 
     def describe(values):
         return [{"name": v.name, "dtype": ONNX_DTYPES[v.type.tensor_type.elem_type],
                  "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
 
-    return {"file": path.name, "inputs": describe(graph.input), "outputs": describe(graph.output)}
+    contract = {"file": path.name, "inputs": describe(graph.input), "outputs": describe(graph.output)}
+    weights = []
+    for tensor in graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in tensor.external_data}
+            weights.append({"name": tensor.name, "dtype": ONNX_DTYPES[tensor.data_type], "shape": list(tensor.dims),
+                            "file": info["location"], "offset": int(info.get("offset", 0))})
+    if weights:
+        contract["external_weights"] = weights
+    return contract
 
 
 def _special_ids(out: Path, config) -> dict:
@@ -87,7 +97,7 @@ def _chat_template(source: Source) -> str | None:
     return None
 
 
-def build_manifest(source: Source, model, out: Path, dtype: str, embeddings: dict, tokenizer: dict) -> dict:
+def build_manifest(source: Source, inv_freq, out: Path, dtype: str, embeddings: dict, tokenizer: dict) -> dict:
     import onnxruntime
     import torch
     import transformers
@@ -107,7 +117,7 @@ def build_manifest(source: Source, model, out: Path, dtype: str, embeddings: dic
                  "num_attention_heads": text.num_attention_heads, "num_key_value_heads": text.num_key_value_heads,
                  "head_dim": text.head_dim, "vocab_size": text.vocab_size, "rms_norm_eps": text.rms_norm_eps,
                  "rope_theta": rope["rope_theta"], "mrope_section": list(rope["mrope_section"]),
-                 "inv_freq": [float(f) for f in model.model.language_model.rotary_emb.inv_freq],
+                 "inv_freq": [float(f) for f in inv_freq],
                  "mrope_interleaved": bool(rope.get("mrope_interleaved", True))},
         "vision": {"depth": vision.depth, "hidden_size": vision.hidden_size, "num_heads": vision.num_heads,
                    "out_hidden_size": vision.out_hidden_size, "patch_size": vision.patch_size,
@@ -123,7 +133,8 @@ def build_manifest(source: Source, model, out: Path, dtype: str, embeddings: dic
         "cache": {"past_key": "after RoPE", "new_key_raw": "after k_norm, before RoPE",
                   "past_mask": "1 = attend to the cache slot", "new_mask": "1 = real token, 0 = padding; causal",
                   "deepstack": "added after decoder layers 0..n-1 at visual positions; zero elsewhere"},
-        "graphs": {"vision": graph_contract(out / "vision.onnx"), "decoder": graph_contract(out / "decoder.onnx")},
+        "graphs": {name: graph_contract(out / f"{name}.onnx")
+                   for name in ("vision", "decoder", "cache_write", "cache_rope")},
         "embeddings": embeddings,
         "tokenizer": tokenizer,
         "config": config.to_dict(),

@@ -4,8 +4,8 @@
 
 Checks every node of every graph in the manifest: op types MIGraphX takes (and no control flow or NonZero),
 shape-like inputs (Reshape shape, Slice bounds, Expand shape, ...) that derive from constants or `Shape` only,
-never from tensor values, refused modes, tensor dtypes; and each graph's inputs and outputs against the
-manifest. Prints each offender by node name and exits 1 if there is any. Rules: `migraphx_ops.json`.
+never from tensor values, refused modes, tensor dtypes; that every input dim is static once the runtime fixes
+its named dims; and each graph's inputs and outputs against the manifest. Prints each offender by node name and exits 1 if there is any. Rules: `migraphx_ops.json`.
 """
 
 import json
@@ -20,6 +20,9 @@ RULES = json.loads((Path(__file__).parent / "migraphx_ops.json").read_text())
 FORBIDDEN = {"Loop", "If", "Scan", "NonZero", "SequenceConstruct", "SequenceAt", "SplitToSequence",
              "ConcatFromSequence", "Unique"}  # control flow and data-dependent output shapes
 SHAPE_SOURCES = {"Shape", "Size", "Constant"}
+# The symbolic input dims the static-shape runtime fixes per session (free-dimension overrides); any other
+# symbolic input dim would reach MIGraphX unresolved and be compiled again for every new value.
+FIXED_DIMS = {"batch", "past", "new", "frames", "patches"}
 
 
 def check_model(model: onnx.ModelProto) -> list[str]:
@@ -59,6 +62,13 @@ def _refused_modes(node) -> list[str]:
     return []
 
 
+def check_static_inputs(model: onnx.ModelProto) -> list[str]:
+    """Every input dim is a number or one the runtime fixes, so each session's shapes are all static."""
+    return [f"input {v.name} has a dim {d.dim_param or '(unnamed)'!r} that the runtime does not fix"
+            for v in model.graph.input for d in v.type.tensor_type.shape.dim
+            if not d.HasField("dim_value") and d.dim_param not in FIXED_DIMS]
+
+
 def check_contract(model: onnx.ModelProto, contract: dict) -> list[str]:
     """The graph's inputs and outputs must be exactly those the manifest promises."""
     def describe(values):
@@ -77,7 +87,8 @@ def check(root: str | Path) -> list[str]:
     problems = []
     for name, contract in manifest["graphs"].items():
         model = onnx.load(str(manifest.path(contract["file"])), load_external_data=False)
-        problems += [f"{contract['file']}: {p}" for p in check_model(model) + check_contract(model, contract)]
+        found = check_model(model) + check_static_inputs(model) + check_contract(model, contract)
+        problems += [f"{contract['file']}: {p}" for p in found]
     return problems
 
 

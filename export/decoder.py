@@ -13,6 +13,15 @@ from torch import nn
 MASKED = -1e9  # added to the scores of masked slots: exp() underflows to exactly 0, and fully masked rows stay finite
 
 
+def channel_axis(head_dim: int, section) -> torch.Tensor:
+    """Interleaved MRoPE: frequency channel j follows h if j % 3 == 1, w if j % 3 == 2 (within 3 * section),
+    else t. As a one-hot [3, hd/2] the selection is an exact multiply-add."""
+    axis = torch.zeros(head_dim // 2, dtype=torch.long)
+    axis[1:3 * section[1]:3] = 1
+    axis[2:3 * section[2]:3] = 2
+    return nn.functional.one_hot(axis, 3).T.float().contiguous()
+
+
 class DecoderStep(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -25,24 +34,19 @@ class DecoderStep(nn.Module):
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         self.n_deepstack = len(model.config.vision_config.deepstack_visual_indexes)
-        section = cfg.rope_parameters["mrope_section"]
-        # Interleaved MRoPE: frequency channel j follows h if j % 3 == 1, w if j % 3 == 2 (within 3 * section),
-        # else t. As a one-hot [3, hd/2] the selection is an exact multiply-add.
-        axis = torch.zeros(self.head_dim // 2, dtype=torch.long)
-        axis[1:3 * section[1]:3] = 1
-        axis[2:3 * section[2]:3] = 2
-        self.register_buffer("channel_axis", nn.functional.one_hot(axis, 3).T.float().contiguous())
+        self.register_buffer("channel_axis", channel_axis(self.head_dim, cfg.rope_parameters["mrope_section"]))
         self.register_buffer("inv_freq", lm.rotary_emb.inv_freq.detach().clone())
 
     def forward(self, inputs_embeds, deepstack_embeds, position_ids, past_mask, new_mask, past_keys, past_values):
-        # inputs_embeds:    f32 [B, S, H]
-        # deepstack_embeds: f32 [n_deepstack, B, S, H]  zero at non-visual positions
+        # (f = the export dtype, f32 or f16)
+        # inputs_embeds:    f [B, S, H]
+        # deepstack_embeds: f [n_deepstack, B, S, H]    zero at non-visual positions
         # position_ids:     i64 [3, B, S]               (t, h, w) of the new tokens
         # past_mask:        i64 [B, T]                  1 = attend to this cache slot
         # new_mask:         i64 [B, S]                  1 = a real new token (0 = padding); causal among them
-        # past_keys[i]:     f32 [B, kv, T, hd]          after RoPE
-        # past_values[i]:   f32 [B, kv, T, hd]
-        # -> logits [B, V] of the last position, new_keys[i] / new_values[i] / new_keys_raw[i] [B, kv, S, hd]
+        # past_keys[i]:     f [B, kv, T, hd]            after RoPE
+        # past_values[i]:   f [B, kv, T, hd]
+        # -> logits f32 [B, V] of the last position, new_keys[i] / new_values[i] / new_keys_raw[i] f [B, kv, S, hd]
         cos, sin = self._rope(position_ids)
         bias = self._mask_bias(past_mask, new_mask)
 
@@ -50,15 +54,15 @@ class DecoderStep(nn.Module):
         new_keys, new_values, new_keys_raw = [], [], []
         for i, layer in enumerate(self.layers):
             attn_out, key, value, key_raw = self._attention(
-                layer.self_attn, layer.input_layernorm(x), cos, sin, bias, past_keys[i], past_values[i])
+                layer.self_attn, norm32(layer.input_layernorm, x), cos, sin, bias, past_keys[i], past_values[i])
             x = x + attn_out
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + layer.mlp(norm32(layer.post_attention_layernorm, x))
             if i < self.n_deepstack:
                 x = x + deepstack_embeds[i]
             new_keys.append(key)
             new_values.append(value)
             new_keys_raw.append(key_raw)
-        logits = self.lm_head(self.norm(x[:, -1]))
+        logits = self.lm_head(norm32(self.norm, x[:, -1])).float()
         return logits, new_keys, new_values, new_keys_raw
 
     def _rope(self, position_ids):
@@ -78,27 +82,33 @@ class DecoderStep(nn.Module):
         return torch.where(keep, zero, torch.full((), MASKED)).unsqueeze(1).unsqueeze(1)
 
     def _attention(self, attn, x, cos, sin, bias, past_key, past_value):
+        # In fp16 graphs the norms, RoPE and softmax run in fp32 ("fp32 islands"); the matmuls stay in fp16.
         batch, new, _ = x.shape
-        groups = self.heads // self.kv_heads
-        q = attn.q_norm(attn.q_proj(x).view(batch, new, self.heads, self.head_dim)).transpose(1, 2)
-        key_raw = attn.k_norm(attn.k_proj(x).view(batch, new, self.kv_heads, self.head_dim)).transpose(1, 2)
+        dtype, groups = x.dtype, self.heads // self.kv_heads
+        q = norm32(attn.q_norm, attn.q_proj(x).view(batch, new, self.heads, self.head_dim)).transpose(1, 2)
+        key_raw = norm32(attn.k_norm, attn.k_proj(x).view(batch, new, self.kv_heads, self.head_dim)).transpose(1, 2)
         value = attn.v_proj(x).view(batch, new, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        key = key_raw * cos + _rotate_half(key_raw) * sin
+        q = rope(q.float(), cos, sin)
+        key = rope(key_raw.float(), cos, sin).to(dtype)
 
         # GQA without repeating the cache: query head h uses kv head h // groups, so fold the groups into rows.
-        # Scaling q before the product keeps Q.K^T in range in fp16.
-        q = (q * attn.scaling).reshape(batch, self.kv_heads, groups * new, self.head_dim)
+        # Scaling q before the product keeps Q.K^T in range in fp16 (where Qwen overflowed on MIGraphX).
+        q = (q * attn.scaling).to(dtype).reshape(batch, self.kv_heads, groups * new, self.head_dim)
         # Past and new keys are multiplied separately so the cache is never concatenated (copied) per step.
         scores = torch.cat([q @ past_key.transpose(-1, -2), q @ key.transpose(-1, -2)], dim=-1)
-        scores = scores.view(batch, self.kv_heads, groups, new, -1) + bias
-        probs = torch.softmax(scores, dim=-1).view(batch, self.kv_heads, groups * new, -1)
+        scores = scores.view(batch, self.kv_heads, groups, new, -1).float() + bias
+        probs = torch.softmax(scores, dim=-1).to(dtype).view(batch, self.kv_heads, groups * new, -1)
         past = past_key.shape[2]
         out = probs[..., :past] @ past_value + probs[..., past:] @ value
         out = out.view(batch, self.heads, new, self.head_dim).transpose(1, 2).reshape(batch, new, -1)
         return attn.o_proj(out), key, value, key_raw
 
 
-def _rotate_half(x):
+def rope(x, cos, sin):
     half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def norm32(norm: nn.Module, x):
+    """A norm in float32, whatever the graph's dtype (its weights are kept in fp32 for fp16 exports)."""
+    return norm(x.float()).to(x.dtype)

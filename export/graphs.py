@@ -16,7 +16,8 @@ from .decoder import DecoderStep
 from .vision import VisionEncoder
 
 OPSET = 18
-EXTERNAL_DATA_BYTES = 1 << 30  # above this much weight a graph keeps its weights in `<graph>.onnx.data` (protobuf caps at 2 GB)
+# Weights always go to `<graph>.onnx.data` (ONNX external data): protobuf caps a file at 2 GB, and the runtime
+# memory-maps the file to share one copy of the weights between the sessions of a graph.
 
 
 def decoder_names(layers: int) -> tuple[list[str], list[str]]:
@@ -31,30 +32,40 @@ VISION_INPUTS = ["patches", "pos_taps", "pos_weights", "rotary_pos"]
 VISION_OUTPUTS = ["embeds", "deepstack"]
 
 
-def export_vision(model, path: Path, metadata: dict) -> None:
-    cfg = model.config.vision_config
-    encoder = VisionEncoder(model.model.visual).eval()
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def to_fp16(model) -> None:
+    """fp16 weights with fp32 islands: norms keep fp32 weights (the wrappers run them in fp32, as RoPE and
+    softmax). Build the wrappers first: they keep fp32 copies of the rotary frequencies."""
+    model.half()
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm"):
+            module.float()
+
+
+def export_vision(encoder: VisionEncoder, config, dtype: str, path: Path, metadata: dict) -> None:
+    cfg, f = config.vision_config, DTYPES[dtype]
     merge = cfg.spatial_merge_size
     frames, patches = 2, 4 * merge * merge  # sample sizes only: both dims are symbolic in the graph
     row = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
-    args = (torch.randn(frames, patches, row), torch.zeros(patches, 4, dtype=torch.long),
-            torch.full((patches, 4), 0.25), torch.zeros(patches, 2, dtype=torch.long))
+    args = (torch.randn(frames, patches, row, dtype=f), torch.zeros(patches, 4, dtype=torch.long),
+            torch.full((patches, 4), 0.25, dtype=f), torch.zeros(patches, 2, dtype=torch.long))
     t, p = Dim("frames"), Dim("patches")
     _export(encoder, args, path, VISION_INPUTS, VISION_OUTPUTS,
             ({0: t, 1: p}, {0: p}, {0: p}, {0: p}), metadata, {"((patches*frames)//4)": "tokens"})
 
 
-def export_decoder(model, path: Path, metadata: dict) -> None:
-    cfg = model.config.text_config
-    step = DecoderStep(model).eval()
+def export_decoder(step: DecoderStep, config, dtype: str, path: Path, metadata: dict) -> None:
+    cfg, f = config.text_config, DTYPES[dtype]
     layers, kv, hd, hidden = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
     batch, new, past = 2, 3, 5  # sample sizes only (>= 2, so that the tracer keeps the dims symbolic)
-    n_deepstack = len(model.config.vision_config.deepstack_visual_indexes)
-    args = (torch.randn(batch, new, hidden), torch.zeros(n_deepstack, batch, new, hidden),
+    n_deepstack = len(config.vision_config.deepstack_visual_indexes)
+    args = (torch.randn(batch, new, hidden, dtype=f), torch.zeros(n_deepstack, batch, new, hidden, dtype=f),
             torch.zeros(3, batch, new, dtype=torch.long), torch.ones(batch, past, dtype=torch.long),
             torch.ones(batch, new, dtype=torch.long),
-            [torch.randn(batch, kv, past, hd) for _ in range(layers)],
-            [torch.randn(batch, kv, past, hd) for _ in range(layers)])
+            [torch.randn(batch, kv, past, hd, dtype=f) for _ in range(layers)],
+            [torch.randn(batch, kv, past, hd, dtype=f) for _ in range(layers)])
     b, s, t = Dim("batch"), Dim("new"), Dim("past")
     cache = [{0: b, 2: t}] * layers
     inputs, outputs = decoder_names(layers)
@@ -64,7 +75,7 @@ def export_decoder(model, path: Path, metadata: dict) -> None:
 
 def _export(module, args, path, inputs, outputs, dynamic_shapes, metadata, rename):
     path.parent.mkdir(parents=True, exist_ok=True)
-    weight_bytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    module.eval()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" and friends
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -73,7 +84,7 @@ def _export(module, args, path, inputs, outputs, dynamic_shapes, metadata, renam
                                     optimize=True, verbose=False)
     for stale in (path, path.with_name(path.name + ".data")):
         stale.unlink(missing_ok=True)
-    program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+    program.save(str(path), external_data=True)
     # Stamp the metadata and dim names into the graph proto; the weights (maybe external) stay where they are.
     model = onnx.load(str(path), load_external_data=False)
     _name_dims(model, rename)

@@ -12,12 +12,16 @@ from pathlib import Path
 
 from runtime.manifest import FORMAT_VERSION, Manifest, ManifestError
 
-from . import artifacts, check, graphs
-from .load import Source, SourceError, resolve
+from runtime.model import Model
 
-DTYPES = ("fp32",)  # fp16 arrives with the AMD path
+from . import artifacts, cache_graphs, check, graphs, verify
+from .decoder import DecoderStep
+from .load import Source, SourceError, resolve
+from .vision import VisionEncoder
+
+DTYPES = ("fp32", "fp16")
 OUR_FILES = {"manifest.json", "vision.onnx", "vision.onnx.data", "decoder.onnx", "decoder.onnx.data",
-             "embed_tokens.npy", "tokenizer"}
+             "cache_write.onnx", "cache_rope.onnx", "embed_tokens.npy", "tokenizer"}
 
 
 @dataclass
@@ -43,39 +47,45 @@ def run(opts: ExportOptions, log=print) -> Path:
     start = time.perf_counter()
     log(f"building {source.name} ({'random weights' if source.folder is None else source.folder})")
     model = source.build_model()
+    if opts.verify:  # transformers in fp32 is the reference for every dtype; computed before any conversion
+        inputs = verify.cases(source.config)
+        expected = verify.reference(model, inputs)
+        log(f"reference outputs computed with transformers ({_peak_memory()})")
+    encoder, step = VisionEncoder(model.model.visual), DecoderStep(model)  # keep fp32 rotary frequencies
+    if opts.dtype == "fp16":
+        graphs.to_fp16(model)
     metadata = {"format_version": FORMAT_VERSION, "model": source.name, "dtype": opts.dtype}
     log(f"exporting vision.onnx ({_peak_memory()})")
-    graphs.export_vision(model, out / "vision.onnx", metadata)
+    graphs.export_vision(encoder, source.config, opts.dtype, out / "vision.onnx", metadata)
     gc.collect()  # the traced program holds copies of weights: let them go before the next trace
     log(f"exporting decoder.onnx ({_peak_memory()})")
-    graphs.export_decoder(model, out / "decoder.onnx", metadata)
+    graphs.export_decoder(step, source.config, opts.dtype, out / "decoder.onnx", metadata)
     gc.collect()
-    manifest = artifacts.build_manifest(source, model, out, opts.dtype, artifacts.write_embeddings(model, out),
+    text = source.config.text_config
+    layout = (text.num_hidden_layers, text.num_key_value_heads, text.head_dim, opts.dtype)
+    cache_graphs.cache_write(*layout, out / "cache_write.onnx")
+    cache_graphs.cache_rope(*layout, step.inv_freq.numpy(), step.channel_axis.numpy(), out / "cache_rope.onnx")
+    manifest = artifacts.build_manifest(source, step.inv_freq, out, opts.dtype, artifacts.write_embeddings(model, out),
                                         artifacts.copy_tokenizer(source, out))
+    del model, encoder, step  # the PyTorch weights go before the ONNX ones load: a 4B model does not fit twice
+    gc.collect()
     log(f"exported in {time.perf_counter() - start:.0f} s ({_peak_memory()}); checking the graphs")
     problems = []
     for name, contract in manifest["graphs"].items():
         proto = check.onnx.load(str(out / contract["file"]), load_external_data=False)
-        problems += [f"{contract['file']}: {p}" for p in check.check_model(proto)]
+        problems += [f"{contract['file']}: {p}" for p in check.check_model(proto) + check.check_static_inputs(proto)]
     if problems:
         raise SourceError(f"the exported graphs fail the graph check: {problems[0]} (and {len(problems) - 1} more)")
 
     manifest["verification"] = None
     if opts.verify:
-        from runtime.model import Model
-
-        from . import verify
-
         log("verifying against transformers (ONNX Runtime, CPU)")
-        inputs = verify.cases(source.config)
-        expected = verify.reference(model, inputs)
-        log(f"  transformers side done ({_peak_memory()})")
-        del model  # the PyTorch weights go before the ONNX ones load: a 4B model does not fit twice
-        gc.collect()
-        actual = verify.candidate(Model(Manifest(out, manifest)), inputs, source.config)
-        manifest["verification"] = {"max_abs_errors": verify.compare(expected, actual, log),
-                                    "tolerance": f"{verify.RTOL} x max(1, max|reference|)",
-                                    "greedy_tokens": "identical"}
+        actual = verify.candidate(Model(Manifest(out, manifest)), inputs, source.config,
+                                  expected["prompt"]["tokens"])
+        manifest["verification"] = {**verify.compare(expected, actual, opts.dtype, log),
+                                    "tolerance": f"{verify.RTOL[opts.dtype]} x max(1, max|reference|)",
+                                    "greedy_agreement_min": verify.AGREEMENT[opts.dtype],
+                                    "reference": "transformers, float32"}
     manifest["files"] = artifacts.file_table(out)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     log(f"done: {out} in {time.perf_counter() - start:.0f} s ({_peak_memory()})")

@@ -10,6 +10,8 @@ Differences from `Qwen3VLVisionModel.forward`, all exact rewrites:
 import torch
 from torch import nn
 
+from .decoder import norm32, rope
+
 
 class VisionEncoder(nn.Module):
     def __init__(self, visual: nn.Module):
@@ -25,13 +27,14 @@ class VisionEncoder(nn.Module):
         self.deepstack_index = {layer: k for k, layer in enumerate(cfg.deepstack_visual_indexes)}
 
     def forward(self, patches, pos_taps, pos_weights, rotary_pos):
-        # patches:     f32 [T, P, C*t*p*p]  T temporal patches of P patches each, merge-block order
+        # (f = the export dtype, f32 or f16; norms, rotary and softmax run in f32)
+        # patches:     f [T, P, C*t*p*p]    T temporal patches of P patches each, merge-block order
         # pos_taps:    i64 [P, 4]           bilinear taps into the flattened position table
-        # pos_weights: f32 [P, 4]
+        # pos_weights: f [P, 4]
         # rotary_pos:  i64 [P, 2]           (row, col) of each patch
-        # -> embeds f32 [T*P/m^2, out_hidden], deepstack f32 [n_deepstack, T*P/m^2, out_hidden]
+        # -> embeds f [T*P/m^2, out_hidden], deepstack f [n_deepstack, T*P/m^2, out_hidden]
         visual = self.visual
-        x = patches @ self.patch_weight + self.patch_bias
+        x = patches @ self.patch_weight.to(patches.dtype) + self.patch_bias.to(patches.dtype)
         x = x + (visual.pos_embed(pos_taps) * pos_weights.unsqueeze(-1)).sum(1)
         freqs = (rotary_pos.unsqueeze(-1).float() * self.inv_freq).flatten(1)  # [P, hd/2]: rows, then cols
         angles = torch.cat([freqs, freqs], dim=-1)
@@ -39,23 +42,28 @@ class VisionEncoder(nn.Module):
 
         deepstack = []
         for layer, block in enumerate(visual.blocks):
-            x = x + self._attention(block.attn, block.norm1(x), cos, sin)
-            x = x + block.mlp(block.norm2(x))
+            x = x + self._attention(block.attn, norm32(block.norm1, x), cos, sin)
+            x = x + block.mlp(norm32(block.norm2, x))
             if layer in self.deepstack_index:
-                deepstack.append(visual.deepstack_merger_list[self.deepstack_index[layer]](x))
-        return visual.merger(x), torch.stack(deepstack)
+                deepstack.append(_merge(visual.deepstack_merger_list[self.deepstack_index[layer]], x))
+        return _merge(visual.merger, x), torch.stack(deepstack)
 
     def _attention(self, attn, x, cos, sin):
         frames, patches, width = x.shape
         qkv = attn.qkv(x).reshape(frames, patches, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # [T, heads, P, hd]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        probs = torch.softmax((q * attn.scaling) @ k.transpose(-1, -2), dim=-1)
+        dtype = x.dtype
+        q = (rope(q.float(), cos, sin) * attn.scaling).to(dtype)
+        k = rope(k.float(), cos, sin).to(dtype)
+        probs = torch.softmax((q @ k.transpose(-1, -2)).float(), dim=-1).to(dtype)
         out = (probs @ v).transpose(1, 2).reshape(frames, patches, width)
         return attn.proj(out)
 
 
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+def _merge(merger, x):
+    """The patch merger (LayerNorm before or after grouping m^2 patches, then an MLP), its norm in fp32."""
+    if merger.use_postshuffle_norm:
+        x = norm32(merger.norm, x.reshape(-1, merger.hidden_size))
+    else:
+        x = norm32(merger.norm, x).reshape(-1, merger.hidden_size)
+    return merger.linear_fc2(merger.act_fn(merger.linear_fc1(x)))

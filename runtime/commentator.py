@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .context import Context, Round, Segment, Settings
-from .kvcache import KVCache
+from .engine import HostEngine, StaticEngine
 from .model import Model
 from .preprocess import patchify
 from .prompt import Prompter
@@ -24,6 +24,8 @@ class StreamConfig:
     previous_text: str = ""
     system: str | None = None
     timestamps: bool = False  # also write Qwen3-VL's own "<t seconds>" before each chunk's vision tokens
+    static: bool = False  # fixed-shape sessions and a device-resident cache (MIGraphX needs this)
+    cache_capacity: int | None = None  # slots; default derived from the windows and the frame size
 
 
 @dataclass
@@ -49,17 +51,18 @@ class Commentator:
         self.sampler = Sampler(config.sampling)
         text = manifest["text"]
         self.rope = Rope(text["inv_freq"], text["mrope_section"])
-        self.cache: KVCache | None = None  # sized once the frame size is known
+        self.engine: HostEngine | StaticEngine | None = None  # sized once the frame size is known
         self.chunks = 0
 
     def capacity(self, tokens_per_chunk: int) -> int:
-        """Slots the steady state needs: the fixed head, the previous text, the kept rounds and the new chunk."""
+        """An upper bound of the retained context: the head, the previous text, the kept rounds and the new one.
+        (The host engine also grows on demand, so there it caps the rounds it reserves for up front.)"""
         s, p = self.config.settings, self.prompter
         fixed = len(p.head()) + len(p.previous_close()) + len(p.encode(self.config.query))
         fixed += max(len(p.previous()), s.text_sink + s.text_window)
-        per_round = tokens_per_chunk + 32 + self.config.max_new_tokens  # vision, Time= text, shell, reply
-        rounds = min(max(s.window_size, s.text_round), 64) + 1  # a cache that outgrows this grows on demand
-        return fixed + rounds * per_round
+        per_round = tokens_per_chunk + 48 + self.config.max_new_tokens  # vision, Time= text, shell, reply
+        rounds = max(s.window_size, s.text_round) + 1
+        return fixed + (rounds if self.config.static else min(rounds, 65)) * per_round
 
     def step(self, chunk: Chunk) -> Reply:
         seconds, t = {}, time.perf_counter()
@@ -70,13 +73,14 @@ class Commentator:
         grid_h, grid_w = chunk.frames.shape[1] // p, chunk.frames.shape[2] // p
         grid = (grid_h // m, grid_w // m)
         seconds["preprocess"], t = time.perf_counter() - t, time.perf_counter()
-        vision_embeds, vision_deepstack = self.model.encode_video(patches, grid_h, grid_w)
+        vision_embeds, vision_deepstack = self.model.encode_video(patches, grid_h, grid_w, self.config.static)
         seconds["vision"], t = time.perf_counter() - t, time.perf_counter()
 
-        if self.cache is None:
-            cfg = self.model
-            self.cache = KVCache(cfg.layers, cfg.kv_heads, cfg.head_dim,
-                                 self.capacity(len(patches) * grid[0] * grid[1]), self.rope)
+        if self.engine is None:
+            tokens = len(patches) * grid[0] * grid[1]
+            capacity = self.config.cache_capacity or self.capacity(tokens)
+            self.engine = (StaticEngine(self.model, capacity, prefill=tokens + 48) if self.config.static
+                           else HostEngine(self.model, capacity, self.rope))
         self._evict_and_add(chunk, len(patches), grid)
         logits = self._prefill(vision_embeds, vision_deepstack)
         seconds["prefill"], t = time.perf_counter() - t, time.perf_counter()
@@ -87,12 +91,12 @@ class Commentator:
                      len(self.context.tokens()), seconds, logits)
 
     def _segment(self, tokens: np.ndarray, kind: str = "text", grid=None) -> Segment:
-        return Segment(tokens, self.cache.allocate(len(tokens)), grid, kind)
+        return Segment(tokens, self.engine.pool.allocate(len(tokens)), grid, kind)
 
     def _evict_and_add(self, chunk: Chunk, patches: int, grid: tuple[int, int]) -> None:
         ctx, prompter, index = self.context, self.prompter, self.chunks
         for slots in ctx.evict(index):
-            self.cache.free(slots)
+            self.engine.pool.free(slots)
         if index == 0:
             ctx.head = self._segment(prompter.head())
             ctx.previous = self._segment(prompter.previous())
@@ -106,43 +110,37 @@ class Commentator:
     def _prefill(self, vision_embeds: np.ndarray, vision_deepstack: np.ndarray) -> np.ndarray:
         """One decoder call over every retained token not yet fed (this chunk's prompt and what the last reply
         left unfed), after re-rotating the cached keys whose position the eviction changed."""
-        ctx, cache, model = self.context, self.cache, self.model
+        ctx, engine, model = self.context, self.engine, self.model
         slots, positions = ctx.slots(), ctx.positions()
-        cache.reposition(slots, positions)
-        fresh = len(slots) - np.flatnonzero(cache.written[slots]).max(initial=-1) - 1  # the unfed tail
+        engine.reposition(slots, positions)
+        fresh = len(slots) - np.flatnonzero(engine.pool.written[slots]).max(initial=-1) - 1  # the unfed tail
         tokens, slots, positions = ctx.tokens()[-fresh:], slots[-fresh:], positions[:, -fresh:]
         embeds = model.embed(tokens)
         visual = tokens == self.ids["video_pad"]
         embeds[visual] = vision_embeds
-        deepstack = np.zeros((model.n_deepstack, 1, fresh, model.hidden), np.float32)
-        deepstack[:, 0, visual] = vision_deepstack
-        out = model.step(embeds[None], deepstack, positions[:, None], cache.past_mask()[None],
-                         np.ones((1, fresh), np.int64), cache.keys, cache.values)
-        cache.write(slots, positions, out.keys, out.keys_raw, out.values)
+        deepstack = np.zeros((model.n_deepstack, fresh, model.hidden), np.float32)
+        deepstack[:, visual] = vision_deepstack
         self._next_position = int(positions[0, -1]) + 1
-        return out.logits[0]
+        return engine.run(embeds, deepstack, positions, slots)
 
     def _decode(self, logits: np.ndarray) -> list[int]:
         """Up to max_new_tokens; every token but the last is fed at once, the last (or the cap's) at the next
         prefill, so that eviction happens before it is seen, as in the reference."""
-        ctx, cache, model = self.context, self.cache, self.model
+        ctx, engine, model = self.context, self.engine, self.model
         seen = ctx.tokens()
         reply = ctx.rounds[-1].reply = self._segment(np.zeros(0, np.int64))
-        zeros = np.zeros((model.n_deepstack, 1, 1, model.hidden), np.float32)
+        zeros = np.zeros((model.n_deepstack, 1, model.hidden), np.float32)
         tokens = []
         for k in range(self.config.max_new_tokens):
             token = self.sampler(logits, np.concatenate([seen, tokens]).astype(np.int64))
             if token in self.stop:
                 break
             tokens.append(token)
-            slot = cache.allocate(1)
+            slot = engine.pool.allocate(1)
             reply.tokens, reply.slots = np.append(reply.tokens, token), np.append(reply.slots, slot)
             if k == self.config.max_new_tokens - 1:
                 break
             position = np.full((3, 1), self._next_position, np.int64)
-            out = model.step(model.embed([token])[None], zeros, position[:, None], cache.past_mask()[None],
-                             np.ones((1, 1), np.int64), cache.keys, cache.values)
-            cache.write(slot, position, out.keys, out.keys_raw, out.values)
+            logits = engine.run(model.embed([token]), zeros, position, slot)
             self._next_position += 1
-            logits = out.logits[0]
         return tokens

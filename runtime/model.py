@@ -1,4 +1,8 @@
-"""The exported model behind a small numpy API: token embeddings, the vision encoder, one decoder step."""
+"""The exported model behind a small numpy API: token embeddings, the vision encoder, one decoder step.
+
+Sessions are made on demand, one per graph and set of fixed dims (`session("decoder", {"new": 1, ...})`): the
+dims become static at session creation (free-dimension overrides), which is what MIGraphX needs to compile once.
+"""
 
 from dataclasses import dataclass
 
@@ -6,8 +10,10 @@ import numpy as np
 import onnxruntime as ort
 
 from .manifest import Manifest
-from .providers import SESSION_ERRORS, ProviderError
+from .providers import SESSION_ERRORS, ProviderError, device_of
 from .vision_index import vision_inputs
+
+DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
 
 @dataclass
@@ -19,50 +25,94 @@ class StepOutput:
 
 
 class Model:
-    def __init__(self, manifest: Manifest, providers=("CPUExecutionProvider",), threads: int = 0):
+    def __init__(self, manifest: Manifest, providers=("CPUExecutionProvider",), threads: int = 0,
+                 provider_options: dict | None = None):
         self.manifest = manifest
         text, vision = manifest["text"], manifest["vision"]
         self.layers = text["num_hidden_layers"]
         self.kv_heads, self.head_dim, self.hidden = text["num_key_value_heads"], text["head_dim"], text["hidden_size"]
         self.n_deepstack = len(vision["deepstack_visual_indexes"])
         self.merge, self.grid_side = vision["spatial_merge_size"], vision["position_grid_side"]
-        emb = manifest["embeddings"]
-        self.embed_table = np.load(manifest.path(emb["file"]), mmap_mode="r")  # read row by row, never loaded whole
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.sessions = {}
-        for name in ("vision", "decoder"):
-            path = manifest.path(manifest["graphs"][name]["file"])
+        self.float_dtype = self.cache_dtype = DTYPES[manifest["dtype"]]
+        self.providers = list(providers)
+        self.device, self.device_id = device_of(self.providers[0], provider_options or {})
+        self.provider_options = provider_options or {}
+        self.threads = threads
+        self.embed_table = np.load(manifest.path(manifest["embeddings"]["file"]), mmap_mode="r")  # never loaded whole
+        self._sessions: dict = {}  # (graph, fixed dims) -> session
+        self._weights: dict = {}  # graph -> {initializer name: (OrtValue, the array it views)}
+
+    @property
+    def sessions(self) -> dict:
+        """The sessions made so far, by graph name (the latest per graph), for reporting providers."""
+        return {key[0]: s for key, s in self._sessions.items()}
+
+    def session(self, graph: str, dims: dict | None = None) -> ort.InferenceSession:
+        key = (graph, tuple(sorted((dims or {}).items())))
+        if key not in self._sessions:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self.threads
+            for name, value in (dims or {}).items():
+                options.add_free_dimension_override_by_name(name, int(value))
+            for name, value in self._shared_weights(graph).items():
+                options.add_initializer(name, value)
+            if self.device == "cpu" and self._shared_weights(graph):
+                # prepacking would give each session its own repacked copy of every MatMul weight
+                options.add_session_config_entry("session.disable_prepacking", "1")
+            path = self.manifest.path(self.manifest["graphs"][graph]["file"])
+            provider_options = [self.provider_options if p == self.providers[0] else {} for p in self.providers]
             try:
-                session = ort.InferenceSession(str(path), options, providers=list(providers))
+                session = ort.InferenceSession(str(path), options, providers=self.providers,
+                                               provider_options=provider_options)
             except SESSION_ERRORS as error:
                 reason = str(error).strip().splitlines()[0][:200]
-                raise ProviderError(f"cannot load {path} on {providers[0]}: {reason}") from None
-            manifest.check_session(name, session)
-            self.sessions[name] = session
-        self.decoder_outputs = [o.name for o in self.sessions["decoder"].get_outputs()]
+                raise ProviderError(f"cannot load {path} on {self.providers[0]}: {reason}") from None
+            self.manifest.check_session(graph, session)
+            self._sessions[key] = session
+        return self._sessions[key]
+
+    def _shared_weights(self, graph: str) -> dict:
+        """One copy of a graph's external weights for all its sessions (prefill and decode share the decoder's):
+        memory-mapped on the CPU, copied once to the GPU for CUDA. MIGraphX embeds the weights in each compiled
+        program, so there every session keeps its own copy."""
+        if self.providers[0] == "MIGraphXExecutionProvider":
+            return {}
+        if graph not in self._weights:
+            shared = {}
+            for w in self.manifest["graphs"][graph].get("external_weights", []):
+                data = np.memmap(self.manifest.path(w["file"]), dtype=np.uint8, mode="r")
+                array = np.ndarray(w["shape"], dtype=w["dtype"], buffer=data, offset=w["offset"])
+                shared[w["name"]] = (ort.OrtValue.ortvalue_from_numpy(array, self.device, self.device_id), array)
+            self._weights[graph] = shared  # the arrays stay referenced: a CPU OrtValue is a view of its array
+        return {name: value for name, (value, _) in self._weights[graph].items()}
 
     def embed(self, token_ids) -> np.ndarray:
         return np.asarray(self.embed_table[np.asarray(token_ids, dtype=np.int64)], dtype=np.float32)
 
-    def encode_video(self, patches: np.ndarray, grid_h: int, grid_w: int) -> tuple[np.ndarray, np.ndarray]:
+    def encode_video(self, patches: np.ndarray, grid_h: int, grid_w: int, static: bool = False):
         """patches [T, P, C] of T temporal patches on a grid_h x grid_w patch grid -> embeds [T*P/m^2, D],
-        deepstack [n, T*P/m^2, D]."""
-        feeds = {"patches": patches.astype(np.float32, copy=False),
+        deepstack [n, T*P/m^2, D] (float32)."""
+        dims = {"frames": patches.shape[0], "patches": patches.shape[1]} if static else None
+        feeds = {"patches": patches.astype(self.float_dtype, copy=False),
                  **vision_inputs(grid_h, grid_w, self.merge, self.grid_side)}
-        embeds, deepstack = self.sessions["vision"].run(None, feeds)
-        return embeds, deepstack
+        feeds["pos_weights"] = feeds["pos_weights"].astype(self.float_dtype)
+        embeds, deepstack = self.session("vision", dims).run(None, feeds)
+        return embeds.astype(np.float32, copy=False), deepstack.astype(np.float32, copy=False)
 
     def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
-        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in range(self.layers)]
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), self.cache_dtype) for _ in range(self.layers)]
 
     def step(self, inputs_embeds, deepstack_embeds, position_ids, past_mask, new_mask, past_keys,
              past_values) -> StepOutput:
-        feeds = {"inputs_embeds": inputs_embeds, "deepstack_embeds": deepstack_embeds, "position_ids": position_ids,
+        """One decoder call with shapes that follow the inputs (the dynamic-shape path)."""
+        session = self.session("decoder")
+        f = self.float_dtype
+        feeds = {"inputs_embeds": inputs_embeds.astype(f, copy=False),
+                 "deepstack_embeds": deepstack_embeds.astype(f, copy=False), "position_ids": position_ids,
                  "past_mask": past_mask, "new_mask": new_mask}
         for i in range(self.layers):
-            feeds[f"past_key.{i}"] = past_keys[i]
-            feeds[f"past_value.{i}"] = past_values[i]
-        out = self.sessions["decoder"].run(self.decoder_outputs, feeds)
+            feeds[f"past_key.{i}"] = past_keys[i].astype(self.cache_dtype, copy=False)
+            feeds[f"past_value.{i}"] = past_values[i].astype(self.cache_dtype, copy=False)
+        out = session.run(None, feeds)
         n = self.layers
-        return StepOutput(out[0], out[1:1 + n], out[1 + n:1 + 2 * n], out[1 + 2 * n:])
+        return StepOutput(out[0].astype(np.float32, copy=False), out[1:1 + n], out[1 + n:1 + 2 * n], out[1 + 2 * n:])

@@ -13,7 +13,8 @@ from pathlib import Path
 from .context import Settings
 from .manifest import Manifest, ManifestError
 from .preprocess import smart_resize
-from .providers import ProviderError, choose
+from .engine import CacheFull
+from .providers import PROVIDERS, ProviderError, choose, provider_options
 from .sampling import Sampling
 from .subtitles import FORMATS, CueWriter, clean_text, format_for
 from .video import VideoError, read_chunks
@@ -47,6 +48,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--start", type=float, default=0.0, help="seconds into the video")
     p.add_argument("--duration", type=float, help="seconds to stream")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
+    p.add_argument("--static", action=argparse.BooleanOptionalAction, default=None,
+                   help="fixed-shape sessions and a device-resident KV cache (default: on for migraphx)")
+    p.add_argument("--cache-capacity", type=int, help="KV cache slots (default: derived from windows and frame size)")
+    p.add_argument("--device-id", type=int, default=0)
+    p.add_argument("--provider-fp16", action="store_true",
+                   help="let MIGraphX convert the whole graph to fp16 (export DTYPE=fp16 instead keeps fp32 islands)")
+    p.add_argument("--model-cache-dir", help="where MIGraphX keeps compiled programs (default ~/.cache/qwen3vl-stream)")
+    p.add_argument("--exhaustive-tune", action="store_true", help="MIGraphX exhaustive tuning (slow first start)")
+    p.add_argument("--provider-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other option of the provider, e.g. migraphx_mem_limit=8000000000")
     p.add_argument("--stats", help="write per-chunk timings as JSON lines to this file")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -77,7 +88,22 @@ def config_from(args, manifest: Manifest):
     settings = Settings(args.window_size, args.text_round, args.text_sink, args.text_window, args.keep_query)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     return StreamConfig(settings, sampling, args.max_new_tokens, args.query, args.previous_text, args.system,
-                        args.timestamps)
+                        args.timestamps, bool(args.static), args.cache_capacity)
+
+
+def session_setup(args) -> tuple[list[str], dict]:
+    providers = choose(args.provider)
+    extra = {}
+    for item in args.provider_option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--provider-option {item!r} is not KEY=VALUE")
+        extra[key] = value
+    options = provider_options(providers[0], args.device_id, args.provider_fp16, args.model_cache_dir,
+                               args.exhaustive_tune, extra)
+    if args.static is None:  # MIGraphX compiles per shape: it always gets fixed shapes
+        args.static = providers[0] == PROVIDERS["migraphx"]
+    return providers, options
 
 
 def run(args) -> int:
@@ -85,6 +111,7 @@ def run(args) -> int:
     from .model import Model
 
     manifest = Manifest.load(find_graphs(args.graphs))
+    providers, options = session_setup(args)
     config = config_from(args, manifest)
     prep = manifest["preprocess"]
     factor = prep["patch_size"] * prep["merge_size"]
@@ -94,10 +121,10 @@ def run(args) -> int:
         fmt = format_for(out, args.format)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    model = Model(manifest, choose(args.provider), args.threads)
+    model = Model(manifest, providers, args.threads, options)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    log(f"graphs {manifest.root} ({manifest['name']}, {manifest['dtype']}); "
-        + ", ".join(f"{name} on {s.get_providers()[0]}" for name, s in model.sessions.items()))
+    log(f"graphs {manifest.root} ({manifest['name']}, {manifest['dtype']}), "
+        f"{'static shapes, device-resident cache' if config.static else 'dynamic shapes'} on {providers[0]}")
 
     def resize(height: int, width: int) -> tuple[int, int]:
         try:
@@ -117,6 +144,8 @@ def run(args) -> int:
             for chunk in chunks:
                 decoded = time.perf_counter() - wait
                 reply = commentator.step(chunk)
+                if reply.index == 0:  # sessions exist now: say where each graph runs
+                    log(", ".join(f"{name} on {s.get_providers()[0]}" for name, s in model.sessions.items()))
                 writer.write(reply.start, reply.end, reply.text)  # the writer strips the trained " ..."
                 text = clean_text(reply.text)
                 elapsed = time.perf_counter() - began
@@ -144,7 +173,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (VideoError, ManifestError, ProviderError, UsageError) as error:
+    except (VideoError, ManifestError, ProviderError, UsageError, CacheFull) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

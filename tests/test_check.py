@@ -5,7 +5,7 @@ import json
 import onnx
 from onnx import TensorProto, helper
 
-from export.check import check_model, main
+from export.check import check_model, check_static_inputs, main
 
 
 def _model(nodes, inputs, outputs, initializers=()):
@@ -59,3 +59,11 @@ def test_cli_fails_on_manifest_mismatch(tiny_graphs, tmp_path, capsys):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert main([str(copy)]) == 1
     assert "differ from the manifest" in capsys.readouterr().out
+
+
+def test_input_dims_the_runtime_does_not_fix_are_named():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "past", "mystery", None])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    model = _model([helper.make_node("Relu", ["x"], ["y"])], [x], [y])
+    problems = check_static_inputs(model)
+    assert len(problems) == 2 and "'mystery'" in problems[0] and "(unnamed)" in problems[1]

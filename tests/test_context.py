@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from runtime.context import Context, Round, Segment, Settings
-from runtime.kvcache import KVCache
-from runtime.rope import Rope
+from runtime.engine import SlotPool
 
 SUFFIX = (2503,)
 HEAD, PREV_CLOSE, OPEN, CLOSE, VISION = [1, 2], [3, 4], [5, 6], [7, 8], 9
@@ -24,11 +23,11 @@ def reply_tokens(i):
 
 
 class Driver:
-    """Feeds a Context chunk by chunk the way the commentator does, with slots from a real KVCache pool."""
+    """Feeds a Context chunk by chunk the way the commentator does, with slots from a real slot pool."""
 
     def __init__(self, settings, previous=(), query=(300, 301)):
         self.ctx = Context(settings, suffix=SUFFIX)
-        self.pool = KVCache(1, 1, 4, 16, Rope([1.0, 0.5], [1, 0, 0]))
+        self.pool = SlotPool(16, growable=True)
         self.query = list(query)
         self.ctx.head, self.ctx.previous = self.seg(HEAD), self.seg(previous)
         self.ctx.previous_close = self.seg(PREV_CLOSE)
