@@ -9,7 +9,7 @@ VIDEO  ?= samples/sample.mp4
 EXPORT_FLAGS = --model $(MODEL) --dtype $(DTYPE) $(if $(OUT),--out $(OUT)) \
 	$(if $(RANDOM_WEIGHTS),--random-weights) $(if $(FORCE),--force) $(if $(NO_VERIFY),--no-verify)
 
-.PHONY: setup export check demo test clean
+.PHONY: setup export check demo test bench soak gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -33,5 +33,16 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+bench: setup
+	$(BIN)/python -m pip install -q -e '.[export,dev,bench]'
+	$(BIN)/python -m bench
+
+soak: setup
+	$(BIN)/python -m pip install -q -e '.[export,dev,bench]'
+	$(BIN)/python -m bench.soak --minutes $(or $(MINUTES),60)
+
+gpu-check:
+	bash scripts/gpu_check.sh
+
 clean:
-	rm -rf graphs/*/ samples/ commentary.vtt
+	rm -rf graphs/*/ samples/ commentary.vtt build/

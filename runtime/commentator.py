@@ -77,9 +77,9 @@ class Commentator:
         seconds["vision"], t = time.perf_counter() - t, time.perf_counter()
 
         if self.engine is None:
-            tokens = len(patches) * grid[0] * grid[1]
-            capacity = self.config.cache_capacity or self.capacity(tokens)
-            self.engine = (StaticEngine(self.model, capacity, prefill=tokens + 48) if self.config.static
+            vision_tokens = len(patches) * grid[0] * grid[1]
+            capacity = self.config.cache_capacity or self.capacity(vision_tokens)
+            self.engine = (StaticEngine(self.model, capacity, prefill=vision_tokens + 48) if self.config.static
                            else HostEngine(self.model, capacity, self.rope))
         self._evict_and_add(chunk, len(patches), grid)
         logits = self._prefill(vision_embeds, vision_deepstack)

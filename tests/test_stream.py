@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer
 
 from conftest import ROOT, cli
-from reference_stream import ReferenceStream
+from bench.torch_stream import ReferenceStream
 from runtime.commentator import Commentator, StreamConfig
 from runtime.context import Settings
 from runtime.manifest import Manifest

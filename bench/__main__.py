@@ -1,0 +1,166 @@
+"""make bench: speed against transformers and against the memory-bandwidth floor, all in one run.
+
+    python -m bench [--quick] [--results bench/results]
+
+Writes one JSON per section, `summary.json`, PNG plots (with matplotlib) and `README.md` (a table) under
+--results. Every number carries its setup: provider, dtype, threads, widths and depth, cache length, frame size.
+--quick is the smoke version the tests run: tiny sizes, seconds, well-formed output only.
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import measure
+from .models import build_exports
+
+CACHE_LENGTHS = (256, 1024, 4096, 8192, 16384)
+CHUNK_VISION_TOKENS = 720  # 1152 x 640 frames: (640/32) x (1152/32) merged tokens per 1-s chunk
+CHUNK_TEXT_TOKENS = 20
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, seconds: checks the plumbing only")
+    p.add_argument("--results", default="bench/results")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime and torch threads (0 = all cores)")
+    args = p.parse_args(argv)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = args.threads or os.cpu_count()
+
+    import torch
+
+    torch.set_num_threads(threads)
+    exports = build_exports(Path("build/bench"), quick=args.quick)
+    setup = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": threads,
+             "provider": "CPUExecutionProvider", "dtype": "fp32", "torch_attention": "sdpa"}
+    results, started = {}, time.perf_counter()
+
+    wide = exports["wide"]
+    model = wide.model(threads)
+    hf = wide.hf_model()
+    lengths = (64, 256) if args.quick else CACHE_LENGTHS
+    decode = {"setup": {**setup, **wide.describe(), "new_tokens": 1},
+              "onnx_ms": {n: measure.onnx_step_ms(model, n, 1) for n in lengths},
+              "torch_ms": {n: measure.torch_step_ms(hf, n, 1) for n in lengths}}
+    results["decode"] = decode
+    past = 256 if args.quick else 8192
+    new = 24 if args.quick else CHUNK_VISION_TOKENS + CHUNK_TEXT_TOKENS
+    results["prefill"] = {"setup": {**setup, **wide.describe(), "cache_tokens": past, "new_tokens": new},
+                          "onnx_ms": measure.onnx_step_ms(model, past, new, repeat=3),
+                          "torch_ms": measure.torch_step_ms(hf, past, new, repeat=3)}
+    grid = (4, 8) if args.quick else (40, 72)  # patches of a 640 x 1152 frame pair
+    results["vision"] = {"setup": {**setup, **wide.describe(), "frame": [grid[0] * 16, grid[1] * 16], "frames": 2},
+                         "onnx_ms": measure.onnx_vision_ms(model, *grid),
+                         "torch_ms": measure.torch_vision_ms(hf, *grid)}
+    del hf
+    bandwidth = measure.copy_bandwidth_gbs(64 if args.quick else 512)
+    floor_past = 256 if args.quick else 4096
+    floor_bytes = measure.decoder_bytes(model, floor_past)
+    floor_ms = floor_bytes / (bandwidth * 1e9) * 1e3
+    results["bandwidth"] = {"setup": {**setup, **wide.describe(), "cache_tokens": floor_past},
+                            "copy_gbs": bandwidth, "decode_bytes": floor_bytes, "decode_floor_ms": floor_ms,
+                            "decode_ms": decode["onnx_ms"][floor_past],
+                            "achieved_gbs": floor_bytes / (decode["onnx_ms"][floor_past] / 1e3) / 1e9}
+    del model
+
+    from .e2e import end_to_end
+
+    results["end_to_end"] = end_to_end(exports, threads, quick=args.quick)
+    results["seconds"] = time.perf_counter() - started
+    write_results(out, results)
+    print(f"bench: {out} ({results['seconds']:.0f} s)")
+    return 0
+
+
+def summary_of(results: dict) -> dict:
+    decode, e2e = results["decode"], results["end_to_end"]
+    lengths = sorted(decode["onnx_ms"])
+    floor_at = results["bandwidth"]["setup"]["cache_tokens"]
+    return {
+        "decode_ms": {str(n): decode["onnx_ms"][n] for n in lengths},
+        "torch_decode_ms": {str(n): decode["torch_ms"][n] for n in lengths},
+        "decode_flatness": decode["onnx_ms"][lengths[-1]] / decode["onnx_ms"][lengths[0]],
+        "prefill_ms": results["prefill"]["onnx_ms"], "torch_prefill_ms": results["prefill"]["torch_ms"],
+        "vision_ms_per_chunk": results["vision"]["onnx_ms"], "torch_vision_ms_per_chunk": results["vision"]["torch_ms"],
+        "bandwidth_gbs": results["bandwidth"]["copy_gbs"], "decode_floor_ms": results["bandwidth"]["decode_floor_ms"],
+        "decode_floor_cache_tokens": floor_at,
+        "decode_vs_floor": results["bandwidth"]["decode_ms"] / results["bandwidth"]["decode_floor_ms"],
+        "rtf": e2e["tiny"]["onnx"]["rtf"], "torch_rtf": e2e["tiny"]["torch"]["rtf"],
+        "rtf_real_width": e2e["wide"]["onnx"]["rtf"], "torch_rtf_real_width": e2e["wide"]["torch"]["rtf"],
+    }
+
+
+def write_results(out: Path, results: dict) -> None:
+    for name in ("decode", "prefill", "vision", "bandwidth", "end_to_end"):
+        (out / f"{name}.json").write_text(json.dumps(results[name], indent=1) + "\n")
+    summary = summary_of(results)
+    old = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+    if "memory_growth_pct" in old:  # written by make soak; keep it
+        summary["memory_growth_pct"] = old["memory_growth_pct"]
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    _plot_decode(out, results["decode"])
+    (out / "README.md").write_text(_table(results, summary))
+
+
+def _plot_decode(out: Path, decode: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return  # the JSON has the numbers; plots need the bench extra
+    lengths = sorted(decode["onnx_ms"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lengths, [decode["onnx_ms"][n] for n in lengths], "o-", label="ONNX Runtime (static cache)")
+    ax.plot(lengths, [decode["torch_ms"][n] for n in lengths], "s-", label="transformers sdpa + DynamicCache")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("cached tokens")
+    ax.set_ylabel("ms per decode step")
+    s = decode["setup"]
+    ax.set_title(f"decode step, hidden {s['hidden']}, {s['layers']} layers, {s['threads']} threads", fontsize=9)
+    ax.legend()
+    ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(out / "decode_latency.png", dpi=100)
+    plt.close(fig)
+
+
+def _table(results: dict, summary: dict) -> str:
+    d, s = results["decode"], results["decode"]["setup"]
+    rows = [f"| decode step, cache {n} | {d['onnx_ms'][n]:.1f} ms | {d['torch_ms'][n]:.1f} ms | "
+            f"{d['torch_ms'][n] / d['onnx_ms'][n]:.2f}x |" for n in sorted(d["onnx_ms"])]
+    p, v = results["prefill"], results["vision"]
+    rows.append(f"| chunk prefill ({p['setup']['new_tokens']} tokens onto {p['setup']['cache_tokens']}) | "
+                f"{p['onnx_ms']:.0f} ms | {p['torch_ms']:.0f} ms | {p['torch_ms'] / p['onnx_ms']:.2f}x |")
+    rows.append(f"| vision, 1 chunk {v['setup']['frame'][1]}x{v['setup']['frame'][0]} x2 frames | {v['onnx_ms']:.0f} ms | "
+                f"{v['torch_ms']:.0f} ms | {v['torch_ms'] / v['onnx_ms']:.2f}x |")
+    e = results["end_to_end"]
+    for name in ("tiny", "wide"):
+        rows.append(f"| end to end, {name} ({e[name]['setup']['video_seconds']} s clip) | RTF {e[name]['onnx']['rtf']:.2f} | "
+                    f"RTF {e[name]['torch']['rtf']:.2f} | {e[name]['onnx']['rtf'] / e[name]['torch']['rtf']:.2f}x |")
+    b = results["bandwidth"]
+    return "\n".join([
+        "# Benchmark results", "",
+        f"Setup: {s['machine']}, {s['cores']} cores, {s['threads']} threads, {s['provider']}, {s['dtype']}; model: "
+        f"hidden {s['hidden']}, {s['heads']}/{s['kv_heads']} heads, head_dim {s['head_dim']}, FFN {s['ffn']}, "
+        f"vocab {s['vocab']}, {s['layers']} decoder layers, {s['vision_layers']} vision layers of width "
+        f"{s['vision_hidden']}. RTF = seconds of video per second of wall time.", "",
+        "| what | ONNX Runtime | transformers | speed-up |", "|---|---|---|---|", *rows, "",
+        f"Memory copy bandwidth {b['copy_gbs']:.1f} GB/s; a decode step at {b['setup']['cache_tokens']} cached tokens "
+        f"must read {b['decode_bytes'] / 1e9:.2f} GB: floor {b['decode_floor_ms']:.1f} ms, measured "
+        f"{b['decode_ms']:.1f} ms ({summary['decode_vs_floor']:.2f}x the floor, {b['achieved_gbs']:.1f} GB/s).", "",
+        f"Decode flatness: {summary['decode_flatness']:.2f}x from {min(d['onnx_ms'])} to {max(d['onnx_ms'])} cached "
+        "tokens.", "",
+    ])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

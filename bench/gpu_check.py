@@ -1,0 +1,144 @@
+"""The GPU check (scripts/gpu_check.sh runs it): the real 4B widths with a few layers and random weights, exported
+in fp32 and fp16, streamed on the GPU provider with static shapes and the device-resident cache.
+
+    python -m bench.gpu_check --provider cuda|migraphx [--seconds 8]
+
+Prints which nodes ran on which provider (no CPU fallback expected), ms per decode token, ms per 1-s chunk
+prefill, vision ms per chunk, peak device memory, and fp16-vs-fp32 agreement; writes them to gpu_check.json.
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime.commentator import Commentator, StreamConfig
+from runtime.providers import choose, provider_options
+from runtime.sample import write_clip
+
+from . import measure
+from .e2e import GREEDY, _chunks
+from .models import build_exports
+
+
+class DeviceMemory:
+    """Peak device memory in use, polled from nvidia-smi or rocm-smi while the check runs."""
+
+    def __init__(self):
+        self.peak_mib, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _read(self) -> float:
+        if shutil.which("nvidia-smi"):
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True).stdout
+            return float(out.split()[0]) if out.strip() else 0.0
+        if shutil.which("rocm-smi"):
+            out = json.loads(subprocess.run(["rocm-smi", "--showmeminfo", "vram", "--json"], capture_output=True,
+                                            text=True).stdout or "{}")
+            used = [int(v) for card in out.values() for k, v in card.items() if "Used" in k]
+            return max(used, default=0) / 2**20
+        return 0.0
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak_mib = max(self.peak_mib, self._read())
+            time.sleep(0.2)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def node_placement(bench_model, providers, options, capacity: int) -> dict:
+    """Which provider ran each node of one decode step (from ONNX Runtime's profiler)."""
+    manifest_model = bench_model.model(providers=providers, options=options)
+    session_options = ort.SessionOptions()
+    session_options.enable_profiling = True
+    for name, value in {"batch": 1, "past": capacity, "new": 1}.items():
+        session_options.add_free_dimension_override_by_name(name, value)
+    path = manifest_model.manifest.path("decoder.onnx")
+    session = ort.InferenceSession(str(path), session_options, providers=providers,
+                                   provider_options=[options if p == providers[0] else {} for p in providers])
+    m = manifest_model
+    feeds = {"inputs_embeds": np.zeros((1, 1, m.hidden), m.float_dtype),
+             "deepstack_embeds": np.zeros((m.n_deepstack, 1, 1, m.hidden), m.float_dtype),
+             "position_ids": np.zeros((3, 1, 1), np.int64), "past_mask": np.ones((1, capacity), np.int64),
+             "new_mask": np.ones((1, 1), np.int64)}
+    for i in range(m.layers):
+        feeds[f"past_key.{i}"] = np.zeros((1, m.kv_heads, capacity, m.head_dim), m.cache_dtype)
+        feeds[f"past_value.{i}"] = feeds[f"past_key.{i}"]
+    session.run(None, feeds)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    counts = Counter(e["args"].get("provider", "?") for e in events
+                     if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"))
+    return dict(counts)
+
+
+def stream(bench_model, providers, options, clip: Path, seconds: int) -> tuple[list, dict]:
+    model = bench_model.model(providers=providers, options=options)
+    commentator = Commentator(model, StreamConfig(sampling=GREEDY, static=True))
+    replies = [commentator.step(chunk) for chunk in _chunks(model, clip, seconds)]
+    later = replies[1:] or replies  # the first chunk also compiles; report the steady state
+    tokens = sum(max(len(r.tokens) - 1, 0) for r in later)
+    return replies, {
+        "vision_ms_per_chunk": 1e3 * np.mean([r.seconds["vision"] for r in later]),
+        "prefill_ms_per_chunk": 1e3 * np.mean([r.seconds["prefill"] for r in later]),
+        "decode_ms_per_token": 1e3 * sum(r.seconds["decode"] for r in later) / max(tokens, 1),
+        "first_chunk_s": sum(replies[0].seconds.values()), "cache_tokens": replies[-1].cache_tokens}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_check")
+    p.add_argument("--provider", default="auto")
+    p.add_argument("--seconds", type=int, default=8)
+    p.add_argument("--out", default="gpu_check.json")
+    args = p.parse_args(argv)
+    providers = choose(args.provider)
+    options = provider_options(providers[0])
+    started = time.perf_counter()
+    clip = write_clip(Path("build/bench") / "clip-720p.mp4", args.seconds, 1280, 720, fps=25)
+    report = {"provider": providers[0], "device": subprocess.run(
+        ["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip() if shutil.which("nvidia-smi") else ""}
+    replies = {}
+    with DeviceMemory() as memory:
+        for dtype in ("fp32", "fp16"):
+            wide = build_exports(Path("build/bench"), dtype=dtype)["wide"]
+            replies[dtype], report[dtype] = stream(wide, providers, options, clip, args.seconds)
+            report[dtype]["decode_ms_by_cache"] = {
+                n: measure.onnx_step_ms(wide.model(providers=providers, options=options), n, 1, static=True)
+                for n in (1024, 4096, 16384)}
+            report[dtype]["nodes_by_provider"] = node_placement(wide, providers, options, 4096)
+            report["setup"] = {**wide.describe(), "frame": [1280, 720], "seconds": args.seconds}
+    report["peak_device_memory_mib"] = memory.peak_mib
+    pairs = list(zip(replies["fp32"], replies["fp16"]))
+    report["fp16_vs_fp32"] = {
+        "first_chunk_max_logit_error": float(np.abs(pairs[0][0].logits - pairs[0][1].logits).max()),
+        "first_chunk_top1_equal": bool(pairs[0][0].logits.argmax() == pairs[0][1].logits.argmax()),
+        "chunks_with_identical_text": sum(a.tokens == b.tokens for a, b in pairs), "chunks": len(pairs)}
+    report["seconds"] = time.perf_counter() - started
+    Path(args.out).write_text(json.dumps(report, indent=1, default=float) + "\n")
+    for dtype in ("fp32", "fp16"):
+        r = report[dtype]
+        print(f"{dtype}: nodes {r['nodes_by_provider']}; decode {r['decode_ms_per_token']:.1f} ms/token, "
+              f"prefill {r['prefill_ms_per_chunk']:.0f} ms/chunk, vision {r['vision_ms_per_chunk']:.0f} ms/chunk, "
+              f"decode step by cache {r['decode_ms_by_cache']}")
+    print(f"peak device memory {report['peak_device_memory_mib']:.0f} MiB; fp16 vs fp32 {report['fp16_vs_fp32']}; "
+          f"{report['seconds']:.0f} s")
+    cpu_nodes = sum(report[d]["nodes_by_provider"].get("CPUExecutionProvider", 0) for d in ("fp32", "fp16"))
+    return 1 if cpu_nodes else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

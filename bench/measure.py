@@ -1,0 +1,109 @@
+"""Timings of one decoder step, one chunk prefill and one vision call, for ONNX Runtime and for transformers.
+
+Each number is the median of several runs after a warm-up, on the same random inputs for both sides. These
+functions are shared by `make bench` and the GPU check script.
+"""
+
+import statistics
+import time
+
+import numpy as np
+
+from runtime.model import Model
+
+
+def median_ms(fn, repeat: int = 5, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _cache(model: Model, length: int, rng):
+    shape = (1, model.kv_heads, length, model.head_dim)
+    return ([rng.standard_normal(shape, dtype=np.float32).astype(model.cache_dtype) for _ in range(model.layers)],
+            [rng.standard_normal(shape, dtype=np.float32).astype(model.cache_dtype) for _ in range(model.layers)])
+
+
+def onnx_step_ms(model: Model, past: int, new: int, repeat: int = 5, static: bool = False) -> float:
+    """One decoder call over `new` tokens onto `past` cached tokens (static: a session fixed to these shapes)."""
+    rng = np.random.default_rng(0)
+    keys, values = _cache(model, past, rng)
+    feeds = {"inputs_embeds": rng.standard_normal((1, new, model.hidden), dtype=np.float32).astype(model.float_dtype),
+             "deepstack_embeds": np.zeros((model.n_deepstack, 1, new, model.hidden), model.float_dtype),
+             "position_ids": np.tile(np.arange(past, past + new), (3, 1, 1)),
+             "past_mask": np.ones((1, past), np.int64), "new_mask": np.ones((1, new), np.int64)}
+    for i in range(model.layers):
+        feeds[f"past_key.{i}"], feeds[f"past_value.{i}"] = keys[i], values[i]
+    session = model.session("decoder", {"batch": 1, "past": past, "new": new} if static else None)
+    return median_ms(lambda: session.run(["logits"], feeds), repeat)
+
+
+def torch_step_ms(hf_model, past: int, new: int, repeat: int = 5) -> float:
+    """The transformers step the way generate() takes it: sdpa attention, a DynamicCache that grows by `new`."""
+    import torch
+    from transformers import DynamicCache
+
+    cfg = hf_model.config.text_config
+    torch.manual_seed(0)
+    shape = (1, cfg.num_key_value_heads, past, cfg.head_dim)
+    keys = [torch.randn(shape) for _ in range(cfg.num_hidden_layers)]
+    values = [torch.randn(shape) for _ in range(cfg.num_hidden_layers)]
+    embeds = torch.randn(1, new, cfg.hidden_size)
+    positions = torch.arange(past, past + new).view(1, 1, -1).expand(3, 1, -1)
+    mask = torch.ones(1, past + new, dtype=torch.long)
+
+    def step():
+        cache = DynamicCache(config=cfg)
+        for i in range(cfg.num_hidden_layers):  # a fresh cache each time; its update (a concat) is the real cost
+            cache.update(keys[i], values[i], i)
+        with torch.no_grad():
+            hf_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask, cache=cache, use_cache=True,
+                     logits_to_keep=1)
+
+    return median_ms(step, repeat)
+
+
+def onnx_vision_ms(model: Model, grid_h: int, grid_w: int, frames: int = 1, repeat: int = 3,
+                   static: bool = False) -> float:
+    rng = np.random.default_rng(0)
+    row = model.manifest["vision"]["in_channels"] * model.manifest["vision"]["temporal_patch_size"] \
+        * model.manifest["vision"]["patch_size"] ** 2
+    patches = rng.standard_normal((frames, grid_h * grid_w, row), dtype=np.float32)
+    return median_ms(lambda: model.encode_video(patches, grid_h, grid_w, static), repeat)
+
+
+def torch_vision_ms(hf_model, grid_h: int, grid_w: int, frames: int = 1, repeat: int = 3) -> float:
+    import torch
+
+    cfg = hf_model.config.vision_config
+    row = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+    torch.manual_seed(0)
+    pixels = torch.randn(frames * grid_h * grid_w, row)
+    grid = torch.tensor([[frames, grid_h, grid_w]])
+
+    def run():
+        with torch.no_grad():
+            hf_model.model.visual(pixels, grid)
+
+    return median_ms(run, repeat)
+
+
+def copy_bandwidth_gbs(megabytes: int = 512, repeat: int = 5) -> float:
+    """This machine's memory copy bandwidth (bytes read + written per second), the floor's denominator."""
+    src = np.ones(megabytes * 2**20, np.uint8)
+    dst = np.empty_like(src)
+    ms = median_ms(lambda: np.copyto(dst, src), repeat)
+    return 2 * src.nbytes / (ms / 1e3) / 1e9
+
+
+def decoder_bytes(model: Model, past: int) -> int:
+    """Bytes one decode step must read at least: every weight of the decoder graph and the whole cache."""
+    weights = sum(int(np.prod(w["shape"])) * np.dtype(w["dtype"]).itemsize
+                  for w in model.manifest["graphs"]["decoder"].get("external_weights", []))
+    cache = 2 * model.layers * model.kv_heads * past * model.head_dim * np.dtype(model.cache_dtype).itemsize
+    return weights + cache
