@@ -46,10 +46,12 @@ def main(argv=None) -> int:
     model = wide.model(threads)
     hf = wide.hf_model()
     lengths = (64, 256) if args.quick else CACHE_LENGTHS
+    print(f"decode step at {lengths} cached tokens ({wide.describe()['model']})", flush=True)
     decode = {"setup": {**setup, **wide.describe(), "new_tokens": 1},
               "onnx_ms": {n: measure.onnx_step_ms(model, n, 1) for n in lengths},
               "torch_ms": {n: measure.torch_step_ms(hf, n, 1) for n in lengths}}
     results["decode"] = decode
+    print("chunk prefill, vision, bandwidth", flush=True)
     past = 256 if args.quick else 8192
     new = 24 if args.quick else CHUNK_VISION_TOKENS + CHUNK_TEXT_TOKENS
     results["prefill"] = {"setup": {**setup, **wide.describe(), "cache_tokens": past, "new_tokens": new},
@@ -72,6 +74,7 @@ def main(argv=None) -> int:
 
     from .e2e import end_to_end
 
+    print("end to end", flush=True)
     results["end_to_end"] = end_to_end(exports, threads, quick=args.quick)
     results["seconds"] = time.perf_counter() - started
     write_results(out, results)
@@ -119,7 +122,7 @@ def _plot_decode(out: Path, decode: dict) -> None:
         return  # the JSON has the numbers; plots need the bench extra
     lengths = sorted(decode["onnx_ms"])
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(lengths, [decode["onnx_ms"][n] for n in lengths], "o-", label="ONNX Runtime (static cache)")
+    ax.plot(lengths, [decode["onnx_ms"][n] for n in lengths], "o-", label="ONNX Runtime (this project)")
     ax.plot(lengths, [decode["torch_ms"][n] for n in lengths], "s-", label="transformers sdpa + DynamicCache")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("cached tokens")

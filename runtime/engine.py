@@ -137,7 +137,7 @@ class StaticEngine:
         self.new = {n: {f"new_{part}.{i}": buffer(step_shape[:2] + (n,) + step_shape[3:])
                         for part in ("key", "key_raw", "value") for i in range(layers)} for n in self.decoders}
         vocab = model.manifest["text"]["vocab_size"]
-        self.logits = ort.OrtValue.ortvalue_from_shape_and_type([1, vocab], model.float_dtype, "cpu", 0)
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type([1, vocab], np.float32, "cpu", 0)  # f32 in all dtypes
         self.host_bytes = 0  # bytes copied between host and device by run(): bounded by the new tokens
 
     def run(self, embeds: np.ndarray, deepstack: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:

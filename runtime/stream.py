@@ -176,6 +176,9 @@ def main(argv=None) -> int:
     except (VideoError, ManifestError, ProviderError, UsageError, CacheFull) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # an output or stats file that cannot be written
+        print(f"error: cannot write {error.filename or 'the output'}: {error.strerror or error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; the cues written so far are kept", file=sys.stderr)
         return 130

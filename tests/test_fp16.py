@@ -83,3 +83,19 @@ def test_real_width_fp16_export_holds_its_budget(tmp_path):
     assert manifest["verification"]["greedy_agreement"] >= AGREEMENT["fp16"]
     assert (out / "decoder.onnx.data").stat().st_size < 1.6e9  # half the fp32 weights
     assert check(out) == []
+
+
+def test_fp16_graphs_stream_on_the_static_path_as_on_the_dynamic_one(tiny16, tmp_path):
+    from runtime.commentator import Commentator, StreamConfig
+    from runtime.context import Settings
+    from runtime.sampling import Sampling
+    from test_stream import chunks_of, lossless_clip
+
+    manifest = Manifest.load(tiny16)
+    settings, greedy = Settings(3, 4, 6, 10), Sampling(temperature=0)
+    chunks = chunks_of(manifest, lossless_clip(tmp_path / "clip.mkv", 8, fps=4))
+    dynamic = Commentator(Model(manifest), StreamConfig(settings, greedy, max_new_tokens=6))
+    static = Commentator(Model(manifest), StreamConfig(settings, greedy, max_new_tokens=6, static=True))
+    for chunk in chunks:
+        a, b = dynamic.step(chunk), static.step(chunk)
+        assert a.tokens == b.tokens and np.abs(a.logits - b.logits).max() < RTOL["fp16"]

@@ -184,6 +184,7 @@ def _bad_inputs(tmp_path, tiny_graphs):
         "no provider": ([str(good), "--provider", "migraphx"], "onnxruntime-migraphx"),
         "damaged graph": ([str(good), "--graphs", str(damaged)], "cannot load"),
         "bad format": ([str(good), "--out", str(tmp_path / "x.txt")], "vtt"),
+        "unwritable output": ([str(good), "--out", str(tmp_path / "no" / "such" / "dir.vtt")], "cannot write"),
     }
 
 
