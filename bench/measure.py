@@ -68,6 +68,18 @@ def torch_step_ms(hf_model, past: int, new: int, repeat: int = 5) -> float:
     return median_ms(step, repeat)
 
 
+def static_step_ms(model: Model, capacity: int, repeat: int = 5) -> float:
+    """A decode step the way the static runtime takes it: device-resident cache of `capacity` slots, IO binding,
+    the new K/V scattered in place."""
+    from runtime.engine import StaticEngine
+
+    engine = StaticEngine(model, capacity, prefill=1)
+    embeds = np.zeros((1, model.hidden), np.float32)
+    deepstack = np.zeros((model.n_deepstack, 1, model.hidden), np.float32)
+    position, slot = np.full((3, 1), capacity, np.int64), engine.pool.allocate(1)
+    return median_ms(lambda: engine.run(embeds, deepstack, position, slot), repeat)
+
+
 def onnx_vision_ms(model: Model, grid_h: int, grid_w: int, frames: int = 1, repeat: int = 3,
                    static: bool = False) -> float:
     rng = np.random.default_rng(0)

@@ -8,7 +8,6 @@ model's own rotary embedding. Prefill and decode steps are plain transformers fo
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from transformers import DynamicCache
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb

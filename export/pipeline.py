@@ -75,7 +75,8 @@ def run(opts: ExportOptions, log=print) -> Path:
         proto = check.onnx.load(str(out / contract["file"]), load_external_data=False)
         problems += [f"{contract['file']}: {p}" for p in check.check_model(proto) + check.check_static_inputs(proto)]
     if problems:
-        raise SourceError(f"the exported graphs fail the graph check: {problems[0]} (and {len(problems) - 1} more)")
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise SourceError(f"the exported graphs fail the graph check: {problems[0]}{more}")
 
     manifest["verification"] = None
     if opts.verify:

@@ -14,6 +14,8 @@ from .rope import Rope
 from .sampling import Sampler, Sampling
 from .video import Chunk
 
+SHELL_TOKENS = 48  # a round's text besides vision and reply: Time= line, vision start/end, turn markers (bound)
+
 
 @dataclass
 class StreamConfig:
@@ -60,7 +62,7 @@ class Commentator:
         s, p = self.config.settings, self.prompter
         fixed = len(p.head()) + len(p.previous_close()) + len(p.encode(self.config.query))
         fixed += max(len(p.previous()), s.text_sink + s.text_window)
-        per_round = tokens_per_chunk + 48 + self.config.max_new_tokens  # vision, Time= text, shell, reply
+        per_round = tokens_per_chunk + SHELL_TOKENS + self.config.max_new_tokens
         rounds = max(s.window_size, s.text_round) + 1
         return fixed + (rounds if self.config.static else min(rounds, 65)) * per_round
 
@@ -79,8 +81,8 @@ class Commentator:
         if self.engine is None:
             vision_tokens = len(patches) * grid[0] * grid[1]
             capacity = self.config.cache_capacity or self.capacity(vision_tokens)
-            self.engine = (StaticEngine(self.model, capacity, prefill=vision_tokens + 48) if self.config.static
-                           else HostEngine(self.model, capacity, self.rope))
+            self.engine = (StaticEngine(self.model, capacity, prefill=vision_tokens + SHELL_TOKENS)
+                           if self.config.static else HostEngine(self.model, capacity, self.rope))
         self._evict_and_add(chunk, len(patches), grid)
         logits = self._prefill(vision_embeds, vision_deepstack)
         seconds["prefill"], t = time.perf_counter() - t, time.perf_counter()
@@ -127,7 +129,7 @@ class Commentator:
         """Up to max_new_tokens; every token but the last is fed at once, the last (or the cap's) at the next
         prefill, so that eviction happens before it is seen, as in the reference."""
         ctx, engine, model = self.context, self.engine, self.model
-        seen = ctx.tokens()
+        seen = np.unique(ctx.tokens())  # the penalty counts each id once: reduce the context once per chunk
         reply = ctx.rounds[-1].reply = self._segment(np.zeros(0, np.int64))
         zeros = np.zeros((model.n_deepstack, 1, model.hidden), np.float32)
         tokens = []

@@ -70,10 +70,10 @@ class HostEngine:
     def __init__(self, model: Model, capacity: int, rope: Rope):
         self.model, self.rope = model, rope
         self.pool = SlotPool(capacity, growable=True)
-        shape = (1, model.kv_heads, capacity, model.head_dim)
-        self.keys = [np.zeros(shape, np.float32) for _ in range(model.layers)]  # after RoPE: what the decoder reads
-        self.keys_raw = [np.zeros(shape, np.float32) for _ in range(model.layers)]  # before RoPE: the master copy
-        self.values = [np.zeros(shape, np.float32) for _ in range(model.layers)]
+        shape, dtype = (1, model.kv_heads, capacity, model.head_dim), model.cache_dtype
+        self.keys = [np.zeros(shape, dtype) for _ in range(model.layers)]  # after RoPE: what the decoder reads
+        self.keys_raw = [np.zeros(shape, dtype) for _ in range(model.layers)]  # before RoPE: the master copy
+        self.values = [np.zeros(shape, dtype) for _ in range(model.layers)]
 
     def run(self, embeds: np.ndarray, deepstack: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """One decoder call over new tokens (embeds [S, H], deepstack [n, S, H], positions [3, S]) whose K/V go
@@ -95,7 +95,8 @@ class HostEngine:
         slots, positions = slots[moved], positions[:, moved]
         if len(slots):
             for i in range(self.model.layers):
-                self.keys[i][:, :, slots] = self.rope.rotate(self.keys_raw[i][:, :, slots], positions)
+                raw = self.keys_raw[i][:, :, slots].astype(np.float32)  # rotate in fp32, as the graphs do
+                self.keys[i][:, :, slots] = self.rope.rotate(raw, positions)
             self.pool.positions[:, slots] = positions
         return len(slots)
 
@@ -130,8 +131,9 @@ class StaticEngine:
         for value in self.cache.values():
             value.update_inplace(np.zeros(shape, dtype))
         dims = {"batch": 1, "past": cap}
-        self.decoders = {n: model.session("decoder", {**dims, "new": n}) for n in sorted({prefill, 1})}
-        self.writers = {n: model.session("cache_write", {"past": cap, "new": n}) for n in sorted({prefill, 1})}
+        lengths = sorted({prefill, 1})
+        self.decoders = {n: model.session("decoder", {**dims, "new": n}) for n in lengths}
+        self.writers = {n: model.session("cache_write", {"past": cap, "new": n}) for n in lengths}
         self.rotate = model.session("cache_rope", {"past": cap})
         step_shape = (1, model.kv_heads, None, model.head_dim)
         self.new = {n: {f"new_{part}.{i}": buffer(step_shape[:2] + (n,) + step_shape[3:])
@@ -171,7 +173,7 @@ class StaticEngine:
             binding.bind_ortvalue_output(name, value)
         binding.bind_ortvalue_output("logits", self.logits)  # the one output that comes back to the host
         decoder.run_with_iobinding(binding)
-        logits = self.logits.numpy()[0]
+        logits = self.logits.numpy()[0].copy()  # the buffer is a view the next step overwrites
         self.host_bytes += logits.nbytes
 
         # scatter the new K/V and mask bits into their slots, in place on the device
@@ -191,7 +193,7 @@ class StaticEngine:
         written = slots[real == 1]
         self.pool.positions[:, written] = positions[:, real == 1]
         self.pool.written[written] = True
-        return logits.astype(np.float32)
+        return logits
 
     def reposition(self, slots: np.ndarray, positions: np.ndarray) -> int:
         """After an eviction: new positions for the kept tokens and the mask for freed slots, once per chunk.

@@ -35,12 +35,13 @@ class Model:
         self.merge, self.grid_side = vision["spatial_merge_size"], vision["position_grid_side"]
         self.float_dtype = self.cache_dtype = DTYPES[manifest["dtype"]]
         self.providers = list(providers)
-        self.device, self.device_id = device_of(self.providers[0], provider_options or {})
         self.provider_options = provider_options or {}
+        self.device, self.device_id = device_of(self.providers[0], self.provider_options)
         self.threads = threads
         self.embed_table = np.load(manifest.path(manifest["embeddings"]["file"]), mmap_mode="r")  # never loaded whole
         self._sessions: dict = {}  # (graph, fixed dims) -> session
         self._weights: dict = {}  # graph -> {initializer name: (OrtValue, the array it views)}
+        self._vision_index: dict = {}
 
     @property
     def sessions(self) -> dict:
@@ -93,9 +94,11 @@ class Model:
         """patches [T, P, C] of T temporal patches on a grid_h x grid_w patch grid -> embeds [T*P/m^2, D],
         deepstack [n, T*P/m^2, D] (float32)."""
         dims = {"frames": patches.shape[0], "patches": patches.shape[1]} if static else None
-        feeds = {"patches": patches.astype(self.float_dtype, copy=False),
-                 **vision_inputs(grid_h, grid_w, self.merge, self.grid_side)}
-        feeds["pos_weights"] = feeds["pos_weights"].astype(self.float_dtype)
+        if (grid_h, grid_w) not in self._vision_index:  # the same grid for every chunk of a video
+            index = vision_inputs(grid_h, grid_w, self.merge, self.grid_side)
+            index["pos_weights"] = index["pos_weights"].astype(self.float_dtype)
+            self._vision_index = {(grid_h, grid_w): index}
+        feeds = {"patches": patches.astype(self.float_dtype, copy=False), **self._vision_index[(grid_h, grid_w)]}
         embeds, deepstack = self.session("vision", dims).run(None, feeds)
         return embeds.astype(np.float32, copy=False), deepstack.astype(np.float32, copy=False)
 

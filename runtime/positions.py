@@ -13,10 +13,6 @@ import numpy as np
 Span = int | tuple[int, int]  # a run of n text tokens, or one vision block's merged grid (H', W')
 
 
-def span_length(span: Span) -> int:
-    return span if isinstance(span, int) else span[0] * span[1]
-
-
 def rope_positions(spans: Iterable[Span], start: int = 0) -> tuple[np.ndarray, int]:
     """Positions int64 [3, n] of the spans laid end to end from `start`, and the position that comes next."""
     parts, pos = [], start

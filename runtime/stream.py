@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, help="seconds to stream")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
     p.add_argument("--static", action=argparse.BooleanOptionalAction, default=None,
-                   help="fixed-shape sessions and a device-resident KV cache (default: on for migraphx)")
+                   help="fixed-shape sessions and a device-resident KV cache (default: on for GPU providers)")
     p.add_argument("--cache-capacity", type=int, help="KV cache slots (default: derived from windows and frame size)")
     p.add_argument("--device-id", type=int, default=0)
     p.add_argument("--provider-fp16", action="store_true",
@@ -77,7 +77,7 @@ def find_graphs(given: str | None) -> Path:
     return found[0]
 
 
-def config_from(args, manifest: Manifest):
+def config_from(args):
     from .commentator import StreamConfig
 
     for name in ("fps", "chunk_duration"):
@@ -85,6 +85,11 @@ def config_from(args, manifest: Manifest):
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
     if args.text_round < 2 or args.window_size < 1 or args.max_new_tokens < 1:
         raise UsageError("--text-round must be >= 2, --window-size and --max-new-tokens >= 1")
+    if min(args.text_sink, args.text_window, args.top_k, args.temperature) < 0 or args.repetition_penalty <= 0:
+        raise UsageError("--text-sink, --text-window, --top-k and --temperature must be >= 0, "
+                         "--repetition-penalty > 0")
+    if (args.cache_capacity is not None and args.cache_capacity < 1) or not 0 < args.top_p <= 1:
+        raise UsageError("--cache-capacity must be positive and --top-p in (0, 1]")
     settings = Settings(args.window_size, args.text_round, args.text_sink, args.text_window, args.keep_query)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     return StreamConfig(settings, sampling, args.max_new_tokens, args.query, args.previous_text, args.system,
@@ -101,8 +106,8 @@ def session_setup(args) -> tuple[list[str], dict]:
         extra[key] = value
     options = provider_options(providers[0], args.device_id, args.provider_fp16, args.model_cache_dir,
                                args.exhaustive_tune, extra)
-    if args.static is None:  # MIGraphX compiles per shape: it always gets fixed shapes
-        args.static = providers[0] == PROVIDERS["migraphx"]
+    if args.static is None:  # GPUs keep the cache on the device; MIGraphX also compiles once per shape set
+        args.static = providers[0] != PROVIDERS["cpu"]
     return providers, options
 
 
@@ -112,7 +117,7 @@ def run(args) -> int:
 
     manifest = Manifest.load(find_graphs(args.graphs))
     providers, options = session_setup(args)
-    config = config_from(args, manifest)
+    config = config_from(args)
     prep = manifest["preprocess"]
     factor = prep["patch_size"] * prep["merge_size"]
     frames_per_chunk = max(1, round(args.fps * args.chunk_duration))
@@ -136,10 +141,10 @@ def run(args) -> int:
     chunks = read_chunks(args.video, resize=resize, chunk_duration=args.chunk_duration,
                          frames_per_chunk=frames_per_chunk, start=args.start, duration=args.duration,
                          min_side=prep["patch_size"])
-    stats = open(args.stats, "w") if args.stats else None
-    began = time.perf_counter()
+    began, stats = time.perf_counter(), None
     with CueWriter(out, fmt) as writer:
         try:
+            stats = open(args.stats, "w") if args.stats else None
             wait = time.perf_counter()
             for chunk in chunks:
                 decoded = time.perf_counter() - wait
@@ -176,8 +181,8 @@ def main(argv=None) -> int:
     except (VideoError, ManifestError, ProviderError, UsageError, CacheFull) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except OSError as error:  # an output or stats file that cannot be written
-        print(f"error: cannot write {error.filename or 'the output'}: {error.strerror or error}", file=sys.stderr)
+    except OSError as error:  # a file that cannot be read or written (output, stats, artifacts)
+        print(f"error: {error.filename or 'file'}: {error.strerror or error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; the cues written so far are kept", file=sys.stderr)

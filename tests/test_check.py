@@ -2,7 +2,6 @@
 
 import json
 
-import onnx
 from onnx import TensorProto, helper
 
 from export.check import check_model, check_static_inputs, main

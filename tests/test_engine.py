@@ -9,7 +9,7 @@ from runtime.engine import CacheFull, HostEngine, SlotPool
 from runtime.rope import Rope
 
 ROPE = Rope((1.0 / 10000 ** (np.arange(0, 8, 2) / 8)).tolist(), [2, 1, 1])
-MODEL = SimpleNamespace(layers=3, kv_heads=2, head_dim=8)
+MODEL = SimpleNamespace(layers=3, kv_heads=2, head_dim=8, cache_dtype=np.float32)
 
 
 def _kv(n, seed):
