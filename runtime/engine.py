@@ -131,16 +131,42 @@ class StaticEngine:
         for value in self.cache.values():
             value.update_inplace(np.zeros(shape, dtype))
         dims = {"batch": 1, "past": cap}
-        lengths = sorted({prefill, 1})
-        self.decoders = {n: model.session("decoder", {**dims, "new": n}) for n in lengths}
-        self.writers = {n: model.session("cache_write", {"past": cap, "new": n}) for n in lengths}
-        self.rotate = model.session("cache_rope", {"past": cap})
-        step_shape = (1, model.kv_heads, None, model.head_dim)
-        self.new = {n: {f"new_{part}.{i}": buffer(step_shape[:2] + (n,) + step_shape[3:])
-                        for part in ("key", "key_raw", "value") for i in range(layers)} for n in self.decoders}
         vocab = model.manifest["text"]["vocab_size"]
         self.logits = ort.OrtValue.ortvalue_from_shape_and_type([1, vocab], np.float32, "cpu", 0)  # f32 in all dtypes
+        # Everything that lives on the device is bound once per shape set; a step only rebinds its host inputs.
+        self.calls = {n: self._bind(n, dims, buffer) for n in sorted({prefill, 1})}
+        rotate = model.session("cache_rope", {"past": cap})
+        self.rotate = (rotate, rotate.io_binding())
+        for i in range(layers):
+            self.rotate[1].bind_ortvalue_input(f"key_raw.{i}", self.cache[f"key_raw.{i}"])
+            self.rotate[1].bind_ortvalue_output(f"key.{i}", self.cache[f"key.{i}"])
         self.host_bytes = 0  # bytes copied between host and device by run(): bounded by the new tokens
+
+    def _bind(self, n: int, dims: dict, buffer) -> list:
+        """(session, binding) of the decoder and of cache_write for steps of n new tokens; the new K/V pass between
+        them through device buffers, and cache_write's outputs alias the cache it reads (written in place)."""
+        model = self.model
+        new = {f"new_{part}.{i}": buffer((1, model.kv_heads, n, model.head_dim))
+               for part in ("key", "key_raw", "value") for i in range(model.layers)}
+        decoder_session = model.session("decoder", {**dims, "new": n})
+        decoder = decoder_session.io_binding()
+        decoder.bind_ortvalue_input("past_mask", self.mask)
+        for i in range(model.layers):
+            decoder.bind_ortvalue_input(f"past_key.{i}", self.cache[f"key.{i}"])
+            decoder.bind_ortvalue_input(f"past_value.{i}", self.cache[f"value.{i}"])
+        for name, value in new.items():
+            decoder.bind_ortvalue_output(name, value)
+        decoder.bind_ortvalue_output("logits", self.logits)  # the one output that comes back to the host
+        writer_session = model.session("cache_write", {"past": dims["past"], "new": n})
+        writer = writer_session.io_binding()
+        for name, value in self.cache.items():
+            writer.bind_ortvalue_input(name, value)
+            writer.bind_ortvalue_output(name.replace(".", "_out.", 1), value)
+        for name, value in new.items():
+            writer.bind_ortvalue_input(name, value)
+        writer.bind_ortvalue_input("mask", self.mask)
+        writer.bind_ortvalue_output("mask_out", self.mask)
+        return [(decoder_session, decoder), (writer_session, writer)]
 
     def run(self, embeds: np.ndarray, deepstack: np.ndarray, positions: np.ndarray, slots: np.ndarray) -> np.ndarray:
         n = len(slots)
@@ -157,39 +183,23 @@ class StaticEngine:
         return logits
 
     def _call(self, n, embeds, deepstack, positions, slots, real) -> np.ndarray:
-        model, decoder = self.model, self.decoders[n]
-        binding = decoder.io_binding()
-        feeds = {"inputs_embeds": embeds[None].astype(model.float_dtype), "deepstack_embeds":
-                 deepstack[:, None].astype(model.float_dtype), "position_ids": positions[:, None],
-                 "new_mask": real[None]}
+        model, ((decoder_session, decoder), (writer_session, writer)) = self.model, self.calls[n]
+        feeds = {"inputs_embeds": embeds[None].astype(model.float_dtype),
+                 "deepstack_embeds": deepstack[:, None].astype(model.float_dtype),
+                 "position_ids": np.ascontiguousarray(positions[:, None]), "new_mask": real[None]}
         for name, array in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+            decoder.bind_cpu_input(name, array)
             self.host_bytes += array.nbytes
-        binding.bind_ortvalue_input("past_mask", self.mask)
-        for i in range(model.layers):
-            binding.bind_ortvalue_input(f"past_key.{i}", self.cache[f"key.{i}"])
-            binding.bind_ortvalue_input(f"past_value.{i}", self.cache[f"value.{i}"])
-        for name, value in self.new[n].items():
-            binding.bind_ortvalue_output(name, value)
-        binding.bind_ortvalue_output("logits", self.logits)  # the one output that comes back to the host
-        decoder.run_with_iobinding(binding)
+        decoder_session.run_with_iobinding(decoder)
         logits = self.logits.numpy()[0].copy()  # the buffer is a view the next step overwrites
         self.host_bytes += logits.nbytes
 
         # scatter the new K/V and mask bits into their slots, in place on the device
-        writer = self.writers[n]
-        binding = writer.io_binding()
-        binding.bind_cpu_input("slots", slots.astype(np.int64))
-        binding.bind_cpu_input("new_mask", real)
+        slots = slots.astype(np.int64)
+        writer.bind_cpu_input("slots", slots)
+        writer.bind_cpu_input("new_mask", real)
         self.host_bytes += slots.nbytes + real.nbytes
-        for name, value in self.cache.items():
-            binding.bind_ortvalue_input(name, value)
-            binding.bind_ortvalue_output(name.replace(".", "_out.", 1), value)
-        for name, value in self.new[n].items():
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_ortvalue_input("mask", self.mask)
-        binding.bind_ortvalue_output("mask_out", self.mask)
-        writer.run_with_iobinding(binding)
+        writer_session.run_with_iobinding(writer)
         written = slots[real == 1]
         self.pool.positions[:, written] = positions[:, real == 1]
         self.pool.written[written] = True
@@ -204,12 +214,9 @@ class StaticEngine:
         self.mask.update_inplace(mask)
         self.host_bytes += mask.nbytes
         if moved:
-            binding = self.rotate.io_binding()
             all_positions = np.concatenate([self.pool.positions, np.zeros((3, 1), np.int64)], axis=1)
+            session, binding = self.rotate
             binding.bind_cpu_input("positions", all_positions)
             self.host_bytes += all_positions.nbytes
-            for i in range(self.model.layers):
-                binding.bind_ortvalue_input(f"key_raw.{i}", self.cache[f"key_raw.{i}"])
-                binding.bind_ortvalue_output(f"key.{i}", self.cache[f"key.{i}"])
-            self.rotate.run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
         return moved
