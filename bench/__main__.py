@@ -61,14 +61,7 @@ def main(argv=None) -> int:
                          "onnx_ms": measure.onnx_vision_ms(model, *grid),
                          "torch_ms": measure.torch_vision_ms(hf, *grid)}
     del hf
-    bandwidth = measure.copy_bandwidth_gbs(64 if args.quick else 512)
-    floor_past = 256 if args.quick else 4096
-    floor_bytes = measure.decoder_bytes(model, floor_past)
-    floor_ms = floor_bytes / (bandwidth * 1e9) * 1e3
-    results["bandwidth"] = {"setup": {**setup, **wide.describe(), "cache_tokens": floor_past},
-                            "copy_gbs": bandwidth, "decode_bytes": floor_bytes, "decode_floor_ms": floor_ms,
-                            "decode_ms": decode["onnx_ms"][floor_past],
-                            "achieved_gbs": floor_bytes / (decode["onnx_ms"][floor_past] / 1e3) / 1e9}
+    results["bandwidth"] = _floors(model, wide, setup, decode, results["prefill"], threads, args.quick)
     del model
 
     from .e2e import end_to_end
@@ -79,6 +72,28 @@ def main(argv=None) -> int:
     write_results(out, results)
     print(f"bench: {out} ({results['seconds']:.0f} s)")
     return 0
+
+
+def _floors(model, wide, setup: dict, decode: dict, prefill: dict, threads: int, quick: bool) -> dict:
+    """What this machine allows at best: a decode step must stream its weights and cache from memory, a prefill
+    must do its multiply-adds. Each floor, and the speed-up over transformers it caps, is measured in this run."""
+    copy_gbs = measure.copy_bandwidth_gbs(64 if quick else 512)
+    read_gbs = measure.read_bandwidth_gbs(threads, 64 if quick else 512)
+    gflops = measure.gemm_gflops(threads, *((64, 256, 256) if quick else ()))
+    past = 256 if quick else 4096
+    decode_bytes = measure.decoder_bytes(model, past)
+    cache, new = prefill["setup"]["cache_tokens"], prefill["setup"]["new_tokens"]
+    prefill_flops = measure.decoder_flops(model, cache, new)
+    read_floor_ms = decode_bytes / read_gbs / 1e6
+    prefill_floor_ms = prefill_flops / gflops / 1e6
+    return {"setup": {**setup, **wide.describe(), "cache_tokens": past, "prefill": f"{new} tokens onto {cache}"},
+            "copy_gbs": copy_gbs, "decode_bytes": decode_bytes, "decode_floor_ms": decode_bytes / copy_gbs / 1e6,
+            "decode_ms": decode["onnx_ms"][past], "achieved_gbs": decode_bytes / decode["onnx_ms"][past] / 1e6,
+            "read_gbs": read_gbs, "decode_read_floor_ms": read_floor_ms,
+            "decode_speedup_bound": decode["torch_ms"][past] / read_floor_ms,
+            "gemm_gflops": gflops, "prefill_flops": prefill_flops, "prefill_floor_ms": prefill_floor_ms,
+            "prefill_speedup_bound": prefill["torch_ms"] / prefill_floor_ms,
+            "prefill_achieved_gflops": prefill_flops / prefill["onnx_ms"] / 1e6}
 
 
 def summary_of(results: dict) -> dict:
@@ -94,6 +109,9 @@ def summary_of(results: dict) -> dict:
         "bandwidth_gbs": results["bandwidth"]["copy_gbs"], "decode_floor_ms": results["bandwidth"]["decode_floor_ms"],
         "decode_floor_cache_tokens": floor_at,
         "decode_vs_floor": results["bandwidth"]["decode_ms"] / results["bandwidth"]["decode_floor_ms"],
+        **{key: results["bandwidth"][key] for key in (
+            "read_gbs", "decode_read_floor_ms", "decode_speedup_bound", "gemm_gflops", "prefill_floor_ms",
+            "prefill_speedup_bound")},
         "rtf": e2e["tiny"]["onnx"]["rtf"], "torch_rtf": e2e["tiny"]["torch"]["rtf"],
         "rtf_real_width": e2e["wide"]["onnx"]["rtf"], "torch_rtf_real_width": e2e["wide"]["torch"]["rtf"],
     }
@@ -159,6 +177,12 @@ def _table(results: dict, summary: dict) -> str:
         f"Memory copy bandwidth {b['copy_gbs']:.1f} GB/s; a decode step at {b['setup']['cache_tokens']} cached tokens "
         f"must read {b['decode_bytes'] / 1e9:.2f} GB: floor {b['decode_floor_ms']:.1f} ms, measured "
         f"{b['decode_ms']:.1f} ms ({summary['decode_vs_floor']:.2f}x the floor, {b['achieved_gbs']:.1f} GB/s).", "",
+        f"What the machine allows: streaming reads (a fp32 GEMV over 512 MB) reach {b['read_gbs']:.1f} GB/s, so no "
+        f"decode step at {b['setup']['cache_tokens']} tokens can take under {b['decode_read_floor_ms']:.1f} ms: at most "
+        f"{b['decode_speedup_bound']:.2f}x faster than transformers. fp32 matrix products reach "
+        f"{b['gemm_gflops']:.0f} GFLOP/s; the prefill ({b['setup']['prefill']}) is {b['prefill_flops'] / 1e9:.0f} "
+        f"GFLOP, so it cannot take under {b['prefill_floor_ms']:.0f} ms: at most {b['prefill_speedup_bound']:.2f}x "
+        f"faster than transformers (measured: {b['prefill_achieved_gflops']:.0f} GFLOP/s).", "",
         f"Decode flatness: {summary['decode_flatness']:.2f}x from {min(d['onnx_ms'])} to {max(d['onnx_ms'])} cached "
         "tokens.", "",
     ])

@@ -62,21 +62,22 @@ class DeviceMemory:
         self._thread.join()
 
 
-def node_placement(m, providers, options, capacity: int) -> dict:
-    """Which provider ran each node of one decode step of model `m` (from ONNX Runtime's profiler)."""
+def node_placement(m, providers, options, capacity: int, new: int) -> dict:
+    """Which provider ran each node of one step of `new` tokens of model `m` (from ONNX Runtime's profiler)."""
     session_options = ort.SessionOptions()
     session_options.enable_profiling = True
     profile_dir = tempfile.mkdtemp()
-    session_options.profile_file_prefix = str(Path(profile_dir) / "decoder")
-    for name, value in {"batch": 1, "past": capacity, "new": 1}.items():
+    graph = m.step_graph(new)
+    session_options.profile_file_prefix = str(Path(profile_dir) / graph)
+    for name, value in {"batch": 1, "past": capacity, "new": new}.items():
         session_options.add_free_dimension_override_by_name(name, value)
-    path = m.manifest.path("decoder.onnx")
+    path = m.manifest.path(f"{graph}.onnx")
     session = ort.InferenceSession(str(path), session_options, providers=providers,
                                    provider_options=[options if p == providers[0] else {} for p in providers])
-    feeds = {"inputs_embeds": np.zeros((1, 1, m.hidden), m.float_dtype),
-             "deepstack_embeds": np.zeros((m.n_deepstack, 1, 1, m.hidden), m.float_dtype),
-             "position_ids": np.zeros((3, 1, 1), np.int64), "past_mask": np.ones((1, capacity), np.int64),
-             "new_mask": np.ones((1, 1), np.int64)}
+    feeds = {"inputs_embeds": np.zeros((1, new, m.hidden), m.float_dtype),
+             "deepstack_embeds": np.zeros((m.n_deepstack, 1, new, m.hidden), m.float_dtype),
+             "position_ids": np.zeros((3, 1, new), np.int64), "past_mask": np.ones((1, capacity), np.int64),
+             "new_mask": np.ones((1, new), np.int64)}
     for i in range(m.layers):
         feeds[f"past_key.{i}"] = np.zeros((1, m.kv_heads, capacity, m.head_dim), m.cache_dtype)
         feeds[f"past_value.{i}"] = feeds[f"past_key.{i}"]
@@ -122,7 +123,8 @@ def main(argv=None) -> int:
             replies[dtype], report[dtype] = stream(model, clip, args.seconds)
         report[dtype]["peak_device_memory_mib"] = memory.peak_mib
         report[dtype]["decode_ms_by_cache"] = {n: measure.static_step_ms(model, n) for n in (1024, 4096, 16384)}
-        report[dtype]["nodes_by_provider"] = node_placement(model, providers, options, 4096)
+        report[dtype]["nodes_by_provider"] = {graph: node_placement(model, providers, options, 4096, new)
+                                              for graph, new in (("decoder", 1), ("prefill", 64))}
         report["setup"] = {**wide.describe(), "frame": [1280, 720], "seconds": args.seconds}
         del model
     if len(replies) == 2:
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
               f"decode step by cache {r['decode_ms_by_cache']}, peak device memory {r['peak_device_memory_mib']:.0f} MiB")
     print(f"fp16 vs fp32 {report.get('fp16_vs_fp32')}; {report['seconds']:.0f} s")
     fallback = providers[0] != "CPUExecutionProvider" and any(
-        report[d]["nodes_by_provider"].get("CPUExecutionProvider", 0) for d in dtypes)
+        nodes.get("CPUExecutionProvider", 0) for d in dtypes for nodes in report[d]["nodes_by_provider"].values())
     return 1 if fallback else 0
 
 

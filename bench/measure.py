@@ -39,7 +39,7 @@ def onnx_step_ms(model: Model, past: int, new: int, repeat: int = 5, static: boo
              "past_mask": np.ones((1, past), np.int64), "new_mask": np.ones((1, new), np.int64)}
     for i in range(model.layers):
         feeds[f"past_key.{i}"], feeds[f"past_value.{i}"] = keys[i], values[i]
-    session = model.session("decoder", {"batch": 1, "past": past, "new": new} if static else None)
+    session = model.session(model.step_graph(new), {"batch": 1, "past": past, "new": new} if static else None)
     return median_ms(lambda: session.run(["logits"], feeds), repeat)
 
 
@@ -111,6 +111,54 @@ def copy_bandwidth_gbs(megabytes: int = 512, repeat: int = 5) -> float:
     dst = np.empty_like(src)
     ms = median_ms(lambda: np.copyto(dst, src), repeat)
     return 2 * src.nbytes / (ms / 1e3) / 1e9
+
+
+def _matmul_session(m: int, k: int, n: int, threads: int):
+    """One MatMul with both operands as inputs (so, like the runtime's shared weights, never prepacked)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"])], "matmul",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k]),
+                               helper.make_tensor_value_info("b", TensorProto.FLOAT, [k, n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def read_bandwidth_gbs(threads: int, megabytes: int = 512, repeat: int = 5) -> float:
+    """Streaming read bandwidth as a decode step sees it: a 1 x 4096 by 4096 x N fp32 product (the GEMV kernel
+    every weight of a decode step goes through) over a matrix far larger than the caches."""
+    k = 4096
+    n = megabytes * 2**20 // (4 * k)
+    session = _matmul_session(1, k, n, threads)
+    feeds = {"a": np.ones((1, k), np.float32), "b": np.ones((k, n), np.float32)}
+    ms = median_ms(lambda: session.run(None, feeds), repeat)
+    return feeds["b"].nbytes / (ms / 1e3) / 1e9
+
+
+def gemm_gflops(threads: int, m: int = 740, k: int = 2560, n: int = 9728, repeat: int = 3) -> float:
+    """fp32 matrix-product throughput at a prefill's shape (a chunk times the 4B FFN's up projection)."""
+    session = _matmul_session(m, k, n, threads)
+    rng = np.random.default_rng(0)
+    feeds = {"a": rng.standard_normal((m, k), dtype=np.float32), "b": rng.standard_normal((k, n), dtype=np.float32)}
+    ms = median_ms(lambda: session.run(None, feeds), repeat)
+    return 2 * m * k * n / (ms / 1e3) / 1e9
+
+
+def decoder_flops(model: Model, past: int, new: int) -> int:
+    """Multiply-adds x 2 of one decoder call: the layers' weight products for every new token, attention of every
+    new token over past + new keys (QK and PV), and the LM head at the last position only."""
+    text = model.manifest["text"]
+    hidden, heads, ffn = text["hidden_size"], text["num_attention_heads"], \
+        model.manifest["config"]["text_config"]["intermediate_size"]
+    attn_width, kv_width = heads * model.head_dim, model.kv_heads * model.head_dim
+    per_token = hidden * (2 * attn_width + 2 * kv_width) + 3 * hidden * ffn
+    attention = 2 * heads * new * (past + new) * model.head_dim
+    return 2 * (model.layers * (new * per_token + attention) + hidden * text["vocab_size"])
 
 
 def decoder_bytes(model: Model, past: int) -> int:

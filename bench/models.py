@@ -1,12 +1,12 @@
 """The models the benchmark runs: the built-in tiny one and the real 4B widths with a few layers (random weights)."""
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from export.load import PRESET_DIR, resolve
 from export.pipeline import ExportOptions, run
-from runtime.manifest import Manifest
+from runtime.manifest import Manifest, ManifestError
 from runtime.model import Model
 
 WIDE_LAYERS, WIDE_VISION_LAYERS = 4, 4  # what fits this machine's memory and time; the widths are the real ones
@@ -45,16 +45,26 @@ def wide_folder(root: Path, layers: int = WIDE_LAYERS, vision_layers: int = WIDE
     return folder
 
 
+def _export(opts: ExportOptions, log) -> Path:
+    """Reuse an up-to-date export; replace one made by another version or from another config."""
+    try:
+        manifest = Manifest.load(opts.out)
+        current = manifest["source"]["identity"] == resolve(opts.model, opts.random_weights).identity
+    except ManifestError:
+        current = False
+    return opts.out if current else run(replace(opts, force=True), log=log)
+
+
 def build_exports(root: Path, quick: bool = False, dtype: str = "fp32") -> dict[str, BenchModel]:
     """Exports reused across runs (an up-to-date export is not redone). Graph parity is the tests' business."""
     root.mkdir(parents=True, exist_ok=True)
-    tiny = run(ExportOptions("tiny", root / f"tiny-{dtype}", dtype=dtype, verify=False), log=lambda *_: None)
+    tiny = _export(ExportOptions("tiny", root / f"tiny-{dtype}", dtype=dtype, verify=False), log=lambda *_: None)
     models = {"tiny": BenchModel(tiny, "tiny")}
     if quick:
         models["wide"] = models["tiny"]
         return models
     folder = wide_folder(root)
-    wide = run(ExportOptions(str(folder), root / f"{folder.name}-{dtype}", dtype=dtype, random_weights=True,
-                             verify=False), log=print)
+    wide = _export(ExportOptions(str(folder), root / f"{folder.name}-{dtype}", dtype=dtype, random_weights=True,
+                                 verify=False), log=print)
     models["wide"] = BenchModel(wide, str(folder))
     return models

@@ -134,7 +134,7 @@ def build_manifest(source: Source, inv_freq, out: Path, dtype: str, embeddings: 
                   "past_mask": "1 = attend to the cache slot", "new_mask": "1 = real token, 0 = padding; causal",
                   "deepstack": "added after decoder layers 0..n-1 at visual positions; zero elsewhere"},
         "graphs": {name: graph_contract(out / f"{name}.onnx")
-                   for name in ("vision", "decoder", "cache_write", "cache_rope")},
+                   for name in ("vision", "decoder", "prefill", "cache_write", "cache_rope")},
         "embeddings": embeddings,
         "tokenizer": tokenizer,
         "config": config.to_dict(),

@@ -5,6 +5,12 @@ mask over the cache slots, and gets back only the new tokens' keys and values (r
 copy it every step). Past keys are stored **after** RoPE, so a decode step reads the cache once and its cost
 stays flat in cache length. Each new key also comes out **before** RoPE (`new_key_raw`): the runtime keeps that
 master copy and re-rotates it once per chunk when eviction changes positions, so no rounding error accumulates.
+
+It is exported twice with the same weights and the same I/O, as two ways to lay out attention over past + new:
+- `decoder.onnx` (one new token) multiplies past and new keys separately, so the cache is never copied;
+- `prefill.onnx` (a chunk) concatenates the keys and values first (a few MB) so that the scores, hundreds of MB
+  at 740 new tokens onto 8k, are written once and never concatenated or sliced; it is also the plain
+  MatMul-Add-Softmax-MatMul chain that MIGraphX fuses. Measured on a 4B-width layer: 713 -> 570 ms per chunk.
 """
 
 import torch
@@ -23,8 +29,9 @@ def channel_axis(head_dim: int, section) -> torch.Tensor:
 
 
 class DecoderStep(nn.Module):
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, prefill: bool = False):
         super().__init__()
+        self.prefill = prefill
         lm = model.model.language_model
         cfg = lm.config
         self.layers = lm.layers
@@ -94,12 +101,18 @@ class DecoderStep(nn.Module):
         # GQA without repeating the cache: query head h uses kv head h // groups, so fold the groups into rows.
         # Scaling q before the product keeps Q.K^T in range in fp16 (where Qwen overflowed on MIGraphX).
         q = (q * attn.scaling).to(dtype).reshape(batch, self.kv_heads, groups * new, self.head_dim)
-        # Past and new keys are multiplied separately so the cache is never concatenated (copied) per step.
-        scores = torch.cat([q @ past_key.transpose(-1, -2), q @ key.transpose(-1, -2)], dim=-1)
+        if self.prefill:  # copy the cache (small), never the scores (large)
+            keys, values = torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
+            scores = q @ keys.transpose(-1, -2)
+        else:  # copy the scores of one token (small), never the cache (large)
+            scores = torch.cat([q @ past_key.transpose(-1, -2), q @ key.transpose(-1, -2)], dim=-1)
         scores = scores.view(batch, self.kv_heads, groups, new, -1).float() + bias
         probs = torch.softmax(scores, dim=-1).to(dtype).view(batch, self.kv_heads, groups * new, -1)
-        past = past_key.shape[2]
-        out = probs[..., :past] @ past_value + probs[..., past:] @ value
+        if self.prefill:
+            out = probs @ values
+        else:
+            past = past_key.shape[2]
+            out = probs[..., :past] @ past_value + probs[..., past:] @ value
         out = out.view(batch, self.heads, new, self.head_dim).transpose(1, 2).reshape(batch, new, -1)
         return attn.o_proj(out), key, value, key_raw
 

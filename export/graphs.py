@@ -4,10 +4,12 @@ Opset 18 on purpose: newer opsets turn GELU, RMSNorm and attention into single o
 `Attention`) that MIGraphX either lacks or parses as the com.microsoft op of the same name with other semantics.
 """
 
+import hashlib
 import logging
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from torch.export import Dim
@@ -56,7 +58,10 @@ def export_vision(encoder: VisionEncoder, config, dtype: str, path: Path, metada
             ({0: t, 1: p}, {0: p}, {0: p}, {0: p}), metadata, {"((patches*frames)//4)": "tokens"})
 
 
-def export_decoder(step: DecoderStep, config, dtype: str, path: Path, metadata: dict) -> None:
+def export_decoder(step: DecoderStep, config, dtype: str, path: Path, metadata: dict,
+                   shared: dict | None = None) -> dict:
+    """The decoder step as `path`. Every weight found in `shared` (what an earlier export returned) is referenced
+    in that graph's data file instead of written again. Returns the same kind of table for this graph."""
     cfg, f = config.text_config, DTYPES[dtype]
     layers, kv, hd, hidden = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
     batch, new, past = 2, 3, 5  # sample sizes only (>= 2, so that the tracer keeps the dims symbolic)
@@ -69,11 +74,19 @@ def export_decoder(step: DecoderStep, config, dtype: str, path: Path, metadata: 
     b, s, t = Dim("batch"), Dim("new"), Dim("past")
     cache = [{0: b, 2: t}] * layers
     inputs, outputs = decoder_names(layers)
-    _export(step, args, path, inputs, outputs,
-            ({0: b, 1: s}, {1: b, 2: s}, {1: b, 2: s}, {0: b, 1: t}, {0: b, 1: s}, cache, cache), metadata, {})
+    return _export(step, args, path, inputs, outputs,
+                   ({0: b, 1: s}, {1: b, 2: s}, {1: b, 2: s}, {0: b, 1: t}, {0: b, 1: s}, cache, cache), metadata, {},
+                   shared)
 
 
-def _export(module, args, path, inputs, outputs, dynamic_shapes, metadata, rename):
+def _content(value) -> tuple:
+    """What makes two initializers the same tensor. By content, not name: the exporter folds each Linear weight
+    into a transposed constant named after its position in the trace (`val_93`), which differs between graphs."""
+    array = np.ascontiguousarray(value.const_value.numpy())
+    return value.dtype.value, array.shape, hashlib.blake2b(array.data, digest_size=16).hexdigest()
+
+
+def _export(module, args, path, inputs, outputs, dynamic_shapes, metadata, rename, shared=None) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     module.eval()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" and friends
@@ -82,15 +95,31 @@ def _export(module, args, path, inputs, outputs, dynamic_shapes, metadata, renam
         program = torch.onnx.export(module, args, input_names=inputs, output_names=outputs,
                                     dynamic_shapes=dynamic_shapes, dynamo=True, opset_version=OPSET,
                                     optimize=True, verbose=False)
+    contents = {name: _content(value) for name, value in program.model.graph.initializers.items()
+                if value.const_value is not None}
+    linked = []
+    for name, content in contents.items():
+        if content in (shared or {}):  # stored once, in the other graph's data file
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(shared[content])
+            tensor.name = name
+            linked.append(tensor)
+            del program.model.graph.initializers[name]
     for stale in (path, path.with_name(path.name + ".data")):
         stale.unlink(missing_ok=True)
     program.save(str(path), external_data=True)
     # Stamp the metadata and dim names into the graph proto; the weights (maybe external) stay where they are.
     model = onnx.load(str(path), load_external_data=False)
+    model.graph.initializer.extend(linked)
     _name_dims(model, rename)
     for key, value in metadata.items():
         model.metadata_props.add(key=key, value=str(value))
     onnx.save_model(model, str(path))
+    data = path.with_name(path.name + ".data")
+    if data.is_file() and not data.stat().st_size:  # every weight was shared
+        data.unlink()
+    return {contents[t.name]: t for t in model.graph.initializer
+            if t.data_location == onnx.TensorProto.EXTERNAL and t.name in contents}
 
 
 def _name_dims(model: onnx.ModelProto, rename: dict) -> None:

@@ -20,8 +20,8 @@ from .load import Source, SourceError, resolve
 from .vision import VisionEncoder
 
 DTYPES = ("fp32", "fp16")
-OUR_FILES = {"manifest.json", "vision.onnx", "vision.onnx.data", "decoder.onnx", "decoder.onnx.data",
-             "cache_write.onnx", "cache_rope.onnx", "embed_tokens.npy", "tokenizer"}
+OUR_FILES = {"manifest.json", "vision.onnx", "vision.onnx.data", "decoder.onnx", "decoder.onnx.data", "prefill.onnx",
+             "prefill.onnx.data", "cache_write.onnx", "cache_rope.onnx", "embed_tokens.npy", "tokenizer"}
 
 
 @dataclass
@@ -51,7 +51,8 @@ def run(opts: ExportOptions, log=print) -> Path:
         inputs = verify.cases(source.config)
         expected = verify.reference(model, inputs)
         log(f"reference outputs computed with transformers ({_peak_memory()})")
-    encoder, step = VisionEncoder(model.model.visual), DecoderStep(model)  # keep fp32 rotary frequencies
+    # built before any fp16 conversion: the wrappers keep fp32 copies of the rotary frequencies
+    encoder, step, prefill = VisionEncoder(model.model.visual), DecoderStep(model), DecoderStep(model, prefill=True)
     if opts.dtype == "fp16":
         graphs.to_fp16(model)
     metadata = {"format_version": FORMAT_VERSION, "model": source.name, "dtype": opts.dtype}
@@ -59,7 +60,10 @@ def run(opts: ExportOptions, log=print) -> Path:
     graphs.export_vision(encoder, source.config, opts.dtype, out / "vision.onnx", metadata)
     gc.collect()  # the traced program holds copies of weights: let them go before the next trace
     log(f"exporting decoder.onnx ({_peak_memory()})")
-    graphs.export_decoder(step, source.config, opts.dtype, out / "decoder.onnx", metadata)
+    weights = graphs.export_decoder(step, source.config, opts.dtype, out / "decoder.onnx", metadata)
+    gc.collect()
+    log(f"exporting prefill.onnx, weights shared with decoder.onnx ({_peak_memory()})")
+    graphs.export_decoder(prefill, source.config, opts.dtype, out / "prefill.onnx", metadata, weights)
     gc.collect()
     text = source.config.text_config
     layout = (text.num_hidden_layers, text.num_key_value_heads, text.head_dim, opts.dtype)
@@ -67,7 +71,7 @@ def run(opts: ExportOptions, log=print) -> Path:
     cache_graphs.cache_rope(*layout, step.inv_freq.numpy(), step.channel_axis.numpy(), out / "cache_rope.onnx")
     manifest = artifacts.build_manifest(source, step.inv_freq, out, opts.dtype, artifacts.write_embeddings(model, out),
                                         artifacts.copy_tokenizer(source, out))
-    del model, encoder, step  # the PyTorch weights go before the ONNX ones load: a 4B model does not fit twice
+    del model, encoder, step, prefill  # the PyTorch weights go before the ONNX ones load: a 4B model does not fit twice
     gc.collect()
     log(f"exported in {time.perf_counter() - start:.0f} s ({_peak_memory()}); checking the graphs")
     problems = []

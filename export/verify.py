@@ -27,6 +27,7 @@ AGREEMENT = {"fp32": 1.0, "fp16": 0.9}  # greedy top-1 agreement with generate()
 GREEDY_TOKENS = 16
 VISION_GRIDS = ((1, 2, 2), (2, 3, 5), (1, 6, 2), (3, 1, 3))  # (temporal patches, rows, cols) in merge blocks
 DECODE_SHAPES = ((1, 1, 1), (1, 1, 37), (2, 1, 64), (2, 3, 20))  # (batch, new tokens, cached tokens)
+STEP_GRAPHS = ("decoder", "prefill")  # two layouts of the same step: each must pass every decode case
 
 
 class VerificationError(Exception):
@@ -113,9 +114,10 @@ def reference(hf_model, cases: dict) -> dict:
             past = case["keys"][0].shape[2]
             result = hf_model(inputs_embeds=torch.from_numpy(case["embeds"]), position_ids=torch.from_numpy(case["positions"]),
                               attention_mask=torch.from_numpy(case["mask"]), cache=cache, use_cache=True)
-            out[case["label"]] = {"logits": result.logits[:, -1].numpy(),
-                                  "keys": [layer.keys[:, :, past:].numpy() for layer in cache.layers],
-                                  "values": [layer.values[:, :, past:].numpy() for layer in cache.layers]}
+            expected = {"logits": result.logits[:, -1].numpy(),
+                        "keys": [layer.keys[:, :, past:].numpy() for layer in cache.layers],
+                        "values": [layer.values[:, :, past:].numpy() for layer in cache.layers]}
+            out.update({f"{case['label']} {graph}.onnx": expected for graph in STEP_GRAPHS})
         c = cases["cache"]
         cos, sin = hf_model.model.language_model.rotary_emb(torch.zeros(1), torch.from_numpy(c["positions"])[:, None])
         out["cache rope"] = [apply_rotary_pos_emb(torch.from_numpy(k), torch.from_numpy(k), cos, sin)[0].numpy()
@@ -170,11 +172,13 @@ def candidate(model: Model, cases: dict, config, teacher: list[int]) -> dict:
     for case in cases["decode"]:
         deepstack = np.zeros((model.n_deepstack, *case["embeds"].shape), np.float32)
         past = case["keys"][0].shape[2]
-        step = model.step(case["embeds"], deepstack, case["positions"], case["mask"][:, :past], case["mask"][:, past:],
-                          case["keys"], case["values"])
-        # the pre-RoPE master copy, rotated on the host as the runtime does after eviction
-        out[case["label"]] = {"logits": step.logits, "keys": step.keys, "values": step.values,
-                              "keys_raw_rotated": [rope.rotate(k, case["positions"]) for k in step.keys_raw]}
+        for graph in STEP_GRAPHS:
+            step = model.step(case["embeds"], deepstack, case["positions"], case["mask"][:, :past],
+                              case["mask"][:, past:], case["keys"], case["values"], graph)
+            # the pre-RoPE master copy, rotated on the host as the runtime does after eviction
+            out[f"{case['label']} {graph}.onnx"] = {
+                "logits": step.logits, "keys": step.keys, "values": step.values,
+                "keys_raw_rotated": [rope.rotate(k, case["positions"]) for k in step.keys_raw]}
 
     c = cases["cache"]
     layers = len(c["raw"])
@@ -211,12 +215,12 @@ def compare(expected: dict, actual: dict, dtype: str = "fp32", log=print) -> dic
         error = float(np.abs(a - e).max()) if e.size else 0.0
         tolerance = RTOL[dtype] * max(1.0, float(np.abs(e).max()) if e.size else 0.0)
         errors[name] = error
-        log(f"  {name:<46} max abs error {error:.2e}  (tolerance {tolerance:.1e})")
+        log(f"  {name:<58} max abs error {error:.2e}  (tolerance {tolerance:.1e})")
         if not error <= tolerance:
             raise VerificationError(f"{name}: max abs error {error:.3e} exceeds {tolerance:.1e}")
 
     def same(name, a, e):
-        log(f"  {name:<46} {'identical' if np.array_equal(a, e) else 'DIFFERENT'}")
+        log(f"  {name:<58} {'identical' if np.array_equal(a, e) else 'DIFFERENT'}")
         if not np.array_equal(a, e):
             raise VerificationError(f"{name}: ONNX {list(np.ravel(a))[:24]} != transformers {list(np.ravel(e))[:24]}")
 
@@ -239,7 +243,7 @@ def compare(expected: dict, actual: dict, dtype: str = "fp32", log=print) -> dic
             close("prefill new keys (post-RoPE), all layers", a["keys"], e["keys"])
             close("prefill new values, all layers", a["values"], e["values"])
             agreement = agree = float(np.mean(np.equal(a["tokens"], e["tokens"])))
-            log(f"  {f'greedy top-1 vs generate() ({GREEDY_TOKENS} tokens)':<46} {agree:.0%} agree "
+            log(f"  {f'greedy top-1 vs generate() ({GREEDY_TOKENS} tokens)':<58} {agree:.0%} agree "
                 f"(budget {AGREEMENT[dtype]:.0%})")
             if agree < AGREEMENT[dtype]:
                 raise VerificationError(f"greedy tokens: ONNX {a['tokens']} != transformers {e['tokens']}")

@@ -148,7 +148,7 @@ class StaticEngine:
         model = self.model
         new = {f"new_{part}.{i}": buffer((1, model.kv_heads, n, model.head_dim))
                for part in ("key", "key_raw", "value") for i in range(model.layers)}
-        decoder_session = model.session("decoder", {**dims, "new": n})
+        decoder_session = model.session(model.step_graph(n), {**dims, "new": n})
         decoder = decoder_session.io_binding()
         decoder.bind_ortvalue_input("past_mask", self.mask)
         for i in range(model.layers):

@@ -40,7 +40,7 @@ class Model:
         self.threads = threads
         self.embed_table = np.load(manifest.path(manifest["embeddings"]["file"]), mmap_mode="r")  # never loaded whole
         self._sessions: dict = {}  # (graph, fixed dims) -> session
-        self._weights: dict = {}  # graph -> {initializer name: (OrtValue, the array it views)}
+        self._weights: dict = {}  # (data file, offset) -> (OrtValue, the array it views): one copy for all graphs
         self._vision_index: dict = {}
 
     @property
@@ -73,19 +73,25 @@ class Model:
         return self._sessions[key]
 
     def _shared_weights(self, graph: str) -> dict:
-        """One copy of a graph's external weights for all its sessions (prefill and decode share the decoder's):
-        memory-mapped on the CPU, copied once to the GPU for CUDA. MIGraphX embeds the weights in each compiled
-        program, so there every session keeps its own copy."""
+        """One copy of the external weights for every session (decoder.onnx and prefill.onnx store theirs in one
+        file): memory-mapped on the CPU, copied once to the GPU for CUDA. MIGraphX embeds the weights in each
+        compiled program, so there every session keeps its own copy."""
         if self.providers[0] == "MIGraphXExecutionProvider":
             return {}
-        if graph not in self._weights:
-            shared = {}
-            for w in self.manifest["graphs"][graph].get("external_weights", []):
+        shared = {}
+        for w in self.manifest["graphs"][graph].get("external_weights", []):
+            key = (w["file"], w["offset"])
+            if key not in self._weights:  # the array stays referenced: a CPU OrtValue is a view of it
                 data = np.memmap(self.manifest.path(w["file"]), dtype=np.uint8, mode="r")
                 array = np.ndarray(w["shape"], dtype=w["dtype"], buffer=data, offset=w["offset"])
-                shared[w["name"]] = (ort.OrtValue.ortvalue_from_numpy(array, self.device, self.device_id), array)
-            self._weights[graph] = shared  # the arrays stay referenced: a CPU OrtValue is a view of its array
-        return {name: value for name, (value, _) in self._weights[graph].items()}
+                self._weights[key] = (ort.OrtValue.ortvalue_from_numpy(array, self.device, self.device_id), array)
+            shared[w["name"]] = self._weights[key][0]
+        return shared
+
+    @staticmethod
+    def step_graph(new_tokens: int) -> str:
+        """decoder.onnx for one new token, prefill.onnx for more (see export/decoder.py)."""
+        return "decoder" if new_tokens == 1 else "prefill"
 
     def embed(self, token_ids) -> np.ndarray:
         return np.asarray(self.embed_table[np.asarray(token_ids, dtype=np.int64)], dtype=np.float32)
@@ -105,10 +111,11 @@ class Model:
     def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), self.cache_dtype) for _ in range(self.layers)]
 
-    def step(self, inputs_embeds, deepstack_embeds, position_ids, past_mask, new_mask, past_keys,
-             past_values) -> StepOutput:
-        """One decoder call with shapes that follow the inputs (the dynamic-shape path)."""
-        session = self.session("decoder")
+    def step(self, inputs_embeds, deepstack_embeds, position_ids, past_mask, new_mask, past_keys, past_values,
+             graph: str | None = None) -> StepOutput:
+        """One decoder call with shapes that follow the inputs (the dynamic-shape path); `graph` overrides the
+        choice of decoder.onnx or prefill.onnx by the number of new tokens."""
+        session = self.session(graph or self.step_graph(inputs_embeds.shape[1]))
         f = self.float_dtype
         feeds = {"inputs_embeds": inputs_embeds.astype(f, copy=False),
                  "deepstack_embeds": deepstack_embeds.astype(f, copy=False), "position_ids": position_ids,

@@ -12,7 +12,7 @@ def test_quick_bench_writes_well_formed_results(tmp_path, monkeypatch):
     assert main(["--quick", "--results", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     for key in ("decode_ms", "torch_decode_ms", "prefill_ms", "torch_prefill_ms", "vision_ms_per_chunk",
-                "bandwidth_gbs", "decode_floor_ms", "rtf", "torch_rtf"):
+                "bandwidth_gbs", "decode_floor_ms", "rtf", "torch_rtf", "decode_speedup_bound", "prefill_floor_ms"):
         assert key in summary, key
     assert set(summary["decode_ms"]) == set(summary["torch_decode_ms"]) and all(
         v > 0 for v in summary["decode_ms"].values())
@@ -24,3 +24,27 @@ def test_quick_bench_writes_well_formed_results(tmp_path, monkeypatch):
     summary = json.loads((out / "summary.json").read_text())
     soaked = json.loads((out / "soak.json").read_text())
     assert "memory_growth_pct" in summary and len(soaked["samples"]) == 6
+
+
+def test_prefill_flops_match_torch_flop_counter(tiny_graphs):
+    """The compute floor's numerator is the count torch's own flop counter makes of the transformers step."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import DynamicCache
+
+    from bench.measure import decoder_flops
+    from export.load import resolve
+    from runtime.manifest import Manifest
+    from runtime.model import Model
+
+    hf = resolve("tiny", random_weights=True).build_model()
+    hf.set_attn_implementation("eager")  # the counter sees eager attention's matmuls, not sdpa's fused kernel
+    cfg, past, new = hf.config.text_config, 40, 7
+    cache = DynamicCache(config=cfg)
+    for i in range(cfg.num_hidden_layers):
+        cache.update(*(torch.randn(1, cfg.num_key_value_heads, past, cfg.head_dim) for _ in range(2)), i)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        hf(inputs_embeds=torch.randn(1, new, cfg.hidden_size), cache=cache, use_cache=True, logits_to_keep=1,
+           position_ids=torch.arange(past, past + new).view(1, 1, -1).expand(3, 1, -1),
+           attention_mask=torch.ones(1, past + new, dtype=torch.long))
+    assert decoder_flops(Model(Manifest.load(tiny_graphs)), past, new) == counter.get_total_flops()

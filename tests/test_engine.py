@@ -55,3 +55,16 @@ def test_a_fixed_pool_refuses_to_grow():
     pool.allocate(3)
     with pytest.raises(CacheFull, match="--cache-capacity"):
         pool.allocate(2)
+
+
+def test_decoder_and_prefill_sessions_map_one_copy_of_the_weights(tiny_graphs):
+    from runtime.manifest import Manifest
+    from runtime.model import Model
+
+    model = Model(Manifest.load(tiny_graphs))
+    model.session("decoder", {"new": 1})
+    model.session("prefill", {"new": 16})
+    model.session("prefill")
+    weights = model.manifest["graphs"]["decoder"]["external_weights"]
+    assert len(model._weights) == len(weights)  # one OrtValue per weight, whatever graph or session asked
+    assert all(array.base is not None for _, array in model._weights.values())  # views of the mapped file

@@ -19,8 +19,12 @@ def test_tiny_export_is_complete_and_proven(tiny_graphs):
     assert max(errors.values()) < 1e-4 and manifest["verification"]["greedy_agreement"] == 1.0
     assert manifest["tokens"]["im_end"] == 151645 and manifest["tokens"]["video_pad"] == 151656
     assert manifest["stop_tokens"] == [151645, 151643]
-    assert {g["file"] for g in manifest["graphs"].values()} == {"vision.onnx", "decoder.onnx", "cache_write.onnx",
-                                                                "cache_rope.onnx"}
+    assert {g["file"] for g in manifest["graphs"].values()} == {"vision.onnx", "decoder.onnx", "prefill.onnx",
+                                                                "cache_write.onnx", "cache_rope.onnx"}
+    # the two layouts of the decoder step store their weights once, in decoder.onnx.data
+    decoder, prefill = (manifest["graphs"][g]["external_weights"] for g in ("decoder", "prefill"))
+    assert {w["file"] for w in prefill} == {"decoder.onnx.data"} and not (tiny_graphs / "prefill.onnx.data").exists()
+    assert {(w["offset"], tuple(w["shape"])) for w in prefill} == {(w["offset"], tuple(w["shape"])) for w in decoder}
     table = np.load(tiny_graphs / "embed_tokens.npy", mmap_mode="r")
     assert list(table.shape) == manifest["embeddings"]["shape"] == [151936, 64]
     decoder = {v["name"]: v["shape"] for v in manifest["graphs"]["decoder"]["inputs"]}
