@@ -10,7 +10,8 @@ It is exported twice with the same weights and the same I/O, as two ways to lay 
 - `decoder.onnx` (one new token) multiplies past and new keys separately, so the cache is never copied;
 - `prefill.onnx` (a chunk) concatenates the keys and values first (a few MB) so that the scores, hundreds of MB
   at 740 new tokens onto 8k, are written once and never concatenated or sliced; it is also the plain
-  MatMul-Add-Softmax-MatMul chain that MIGraphX fuses. Measured on a 4B-width layer: 713 -> 570 ms per chunk.
+  MatMul-Add-Softmax-MatMul chain that MIGraphX fuses. Attention of one 4B-width layer, 740 tokens onto 8k
+  cached, on 2 CPU cores: 713 ms laid out as decoder.onnx, 570 ms as prefill.onnx.
 """
 
 import torch
