@@ -5,8 +5,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from export.load import PRESET_DIR, resolve
-from export.pipeline import ExportOptions, run
-from runtime.manifest import Manifest, ManifestError
+from export.pipeline import ExportOptions, run, up_to_date
+from runtime.manifest import Manifest
 from runtime.model import Model
 
 WIDE_LAYERS, WIDE_VISION_LAYERS = 4, 4  # what fits this machine's memory and time; the widths are the real ones
@@ -47,12 +47,7 @@ def wide_folder(root: Path, layers: int = WIDE_LAYERS, vision_layers: int = WIDE
 
 def _export(opts: ExportOptions, log) -> Path:
     """Reuse an up-to-date export; replace one made by another version or from another config."""
-    try:
-        manifest = Manifest.load(opts.out)
-        current = manifest["source"]["identity"] == resolve(opts.model, opts.random_weights).identity
-    except ManifestError:
-        current = False
-    return opts.out if current else run(replace(opts, force=True), log=log)
+    return run(replace(opts, force=not up_to_date(opts)), log=log)
 
 
 def build_exports(root: Path, quick: bool = False, dtype: str = "fp32") -> dict[str, BenchModel]:

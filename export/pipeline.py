@@ -38,7 +38,7 @@ def run(opts: ExportOptions, log=print) -> Path:
     if opts.dtype not in DTYPES:
         raise SourceError(f"dtype {opts.dtype!r} is not available yet; use one of {', '.join(DTYPES)}")
     source = resolve(opts.model, opts.random_weights)
-    out = Path(opts.out) if opts.out else Path("graphs") / source.name
+    out = _out(opts, source)
     if not opts.force and _up_to_date(out, source, opts.dtype):
         log(f"{out}: up to date ({source.identity}), reusing it; --force exports again")
         return out
@@ -100,6 +100,16 @@ def _peak_memory() -> str:
     import resource
 
     return f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"
+
+
+def up_to_date(opts: ExportOptions) -> bool:
+    """Whether `opts.out` already holds this export, made by this version (run() would reuse it)."""
+    source = resolve(opts.model, opts.random_weights)
+    return _up_to_date(_out(opts, source), source, opts.dtype)
+
+
+def _out(opts: ExportOptions, source: Source) -> Path:
+    return Path(opts.out) if opts.out else Path("graphs") / source.name
 
 
 def _up_to_date(out: Path, source: Source, dtype: str) -> bool:
