@@ -74,13 +74,7 @@ def node_placement(m, providers, options, capacity: int, new: int) -> dict:
     path = m.manifest.path(f"{graph}.onnx")
     session = ort.InferenceSession(str(path), session_options, providers=providers,
                                    provider_options=[options if p == providers[0] else {} for p in providers])
-    feeds = {"inputs_embeds": np.zeros((1, new, m.hidden), m.float_dtype),
-             "deepstack_embeds": np.zeros((m.n_deepstack, 1, new, m.hidden), m.float_dtype),
-             "position_ids": np.zeros((3, 1, new), np.int64), "past_mask": np.ones((1, capacity), np.int64),
-             "new_mask": np.ones((1, new), np.int64)}
-    for i in range(m.layers):
-        feeds[f"past_key.{i}"] = np.zeros((1, m.kv_heads, capacity, m.head_dim), m.cache_dtype)
-        feeds[f"past_value.{i}"] = feeds[f"past_key.{i}"]
+    feeds = measure.step_feeds(m, capacity, new)
     session.run(None, feeds)
     events = json.loads(Path(session.end_profiling()).read_text())
     shutil.rmtree(profile_dir)

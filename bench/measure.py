@@ -23,22 +23,23 @@ def median_ms(fn, repeat: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def _cache(model: Model, length: int, rng):
-    shape = (1, model.kv_heads, length, model.head_dim)
-    return ([rng.standard_normal(shape, dtype=np.float32).astype(model.cache_dtype) for _ in range(model.layers)],
-            [rng.standard_normal(shape, dtype=np.float32).astype(model.cache_dtype) for _ in range(model.layers)])
-
-
-def onnx_step_ms(model: Model, past: int, new: int, repeat: int = 5, static: bool = False) -> float:
-    """One decoder call over `new` tokens onto `past` cached tokens (static: a session fixed to these shapes)."""
+def step_feeds(model: Model, past: int, new: int) -> dict:
+    """Random inputs of one decoder call over `new` tokens onto `past` cached tokens, every slot attended."""
     rng = np.random.default_rng(0)
-    keys, values = _cache(model, past, rng)
+    shape = (1, model.kv_heads, past, model.head_dim)
     feeds = {"inputs_embeds": rng.standard_normal((1, new, model.hidden), dtype=np.float32).astype(model.float_dtype),
              "deepstack_embeds": np.zeros((model.n_deepstack, 1, new, model.hidden), model.float_dtype),
              "position_ids": np.tile(np.arange(past, past + new), (3, 1, 1)),
              "past_mask": np.ones((1, past), np.int64), "new_mask": np.ones((1, new), np.int64)}
     for i in range(model.layers):
-        feeds[f"past_key.{i}"], feeds[f"past_value.{i}"] = keys[i], values[i]
+        for part in ("key", "value"):
+            feeds[f"past_{part}.{i}"] = rng.standard_normal(shape, dtype=np.float32).astype(model.cache_dtype)
+    return feeds
+
+
+def onnx_step_ms(model: Model, past: int, new: int, repeat: int = 5, static: bool = False) -> float:
+    """One decoder call over `new` tokens onto `past` cached tokens (static: a session fixed to these shapes)."""
+    feeds = step_feeds(model, past, new)
     session = model.session(model.step_graph(new), {"batch": 1, "past": past, "new": new} if static else None)
     return median_ms(lambda: session.run(["logits"], feeds), repeat)
 
@@ -115,7 +116,6 @@ def copy_bandwidth_gbs(megabytes: int = 512, repeat: int = 5) -> float:
 
 def _matmul_session(m: int, k: int, n: int, threads: int):
     """One MatMul with both operands as inputs (so, like the runtime's shared weights, never prepacked)."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
