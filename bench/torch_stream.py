@@ -18,7 +18,7 @@ from runtime.preprocess import patchify
 @dataclass
 class Tok:
     id: int
-    tag: str  # head, prev, prev_close, user, query, vision, open, reply, close
+    tag: str  # head, prev, prev_close, user, time, vision (markers and pads), query, open, reply, close
     round: int = -1
     grid: tuple[int, int] | None = None  # for vision tokens: the merged grid of their block
     block: int = -1  # which vision block (one per chunk here)
@@ -51,6 +51,10 @@ class ReferenceStream:
     # --- eviction, exactly as the spec's numbered steps, over the flat tagged list -------------------------
     def evict(self):
         i, order = self.chunk, list(range(len(self.seq)))
+
+        def drop(r, tags):
+            return [k for k in order if not (self.seq[k].round == r and self.seq[k].tag in tags)]
+
         r = i - self.text_round
         if r >= 0:  # 1. fold the reply of round r into the previous text, drop its shell
             reply = [k for k in order if self.seq[k].tag == "reply" and self.seq[k].round == r]
@@ -64,10 +68,15 @@ class ReferenceStream:
             order = rest[:at] + reply + rest[at:]
             for k in reply:
                 self.seq[k].tag = "prev"
+            if self.window_size > self.text_round:  # its Time= text goes too; the vision stays
+                order = drop(r, ("time",))
+        r = i - self.window_size
+        if r >= 0 and self.window_size < self.text_round:  # 2. drop the vision block of round r; its text stays
+            order = drop(r, ("vision",))
         r = i - max(self.window_size, self.text_round)
-        if r >= 0:  # 2. drop the user turn of round r
-            order = [k for k in order if not (self.seq[k].round == r and self.seq[k].tag in ("user", "query", "vision"))]
-        prev = [k for k in order if self.seq[k].tag == "prev"]  # 3. trim the previous text
+        if r >= 0:  # 3. drop what is left of the user turn of round r
+            order = drop(r, ("user", "time", "vision", "query"))
+        prev = [k for k in order if self.seq[k].tag == "prev"]  # 4. trim the previous text
         if len(prev) > self.text_sink + self.text_window:
             cut = set(prev[self.text_sink:len(prev) - self.text_window])
             order = [k for k in order if k not in cut]
@@ -144,9 +153,11 @@ class ReferenceStream:
             new += [Tok(t, "prev_close") for t in self.enc("<|im_end|>\n")]
         elif any(t.round == i - 1 and t.tag == "open" for t in self.seq):
             new += [Tok(t, "close", i - 1) for t in [ids["im_end"], *self.enc("\n")]]
-        new += [Tok(t, "user", i) for t in self.enc(f"<|im_start|>user\nTime={chunk.start:.1f}-{chunk.end:.1f}s<|vision_start|>")]
+        new += [Tok(t, "user", i) for t in self.enc("<|im_start|>user\n")]
+        new += [Tok(t, "time", i) for t in self.enc(f"Time={chunk.start:.1f}-{chunk.end:.1f}s")]
+        new += [Tok(ids["vision_start"], "vision", i)]
         new += [Tok(ids["video_pad"], "vision", i, grid) for _ in range(grid[0] * grid[1])]
-        new += [Tok(t, "user", i) for t in self.enc("<|vision_end|>")]
+        new += [Tok(ids["vision_end"], "vision", i)]
         if i == 0 and self.query:
             new += [Tok(t, "query", i) for t in self.enc(self.query)]
         new += [Tok(t, "user", i) for t in self.enc("<|im_end|>\n")]

@@ -57,14 +57,16 @@ class Commentator:
         self.chunks = 0
 
     def capacity(self, tokens_per_chunk: int) -> int:
-        """An upper bound of the retained context: the head, the previous text, the kept rounds and the new one.
-        (The host engine also grows on demand, so there it caps the rounds it reserves for up front.)"""
+        """An upper bound of the retained context (the host engine also grows on demand, so there it only says how
+        much to reserve up front, at most 64 rounds)."""
         s, p = self.config.settings, self.prompter
         fixed = len(p.head()) + len(p.previous_close()) + len(p.encode(self.config.query))
         fixed += max(len(p.previous()), s.text_sink + s.text_window)
-        per_round = tokens_per_chunk + SHELL_TOKENS + self.config.max_new_tokens
-        rounds = max(s.window_size, s.text_round) + 1
-        return fixed + (rounds if self.config.static else min(rounds, 65)) * per_round
+        answer = len(p.open()) + self.config.max_new_tokens + len(p.close())
+        bound = s.capacity(fixed, tokens_per_chunk, SHELL_TOKENS, answer)
+        if self.config.static:
+            return bound
+        return min(bound, fixed + 64 * (tokens_per_chunk + SHELL_TOKENS + self.config.max_new_tokens))
 
     def step(self, chunk: Chunk) -> Reply:
         seconds, t = {}, time.perf_counter()
@@ -105,8 +107,9 @@ class Commentator:
             ctx.previous_close = self._segment(prompter.previous_close())
         elif ctx.rounds and ctx.rounds[-1].index == index - 1 and not ctx.rounds[-1].folded:
             ctx.rounds[-1].close = self._segment(prompter.close())
-        user = [self._segment(ids, kind, grid if kind == "vision" else None)
-                for kind, ids in prompter.user_turn(chunk.start, chunk.end, grid[0] * grid[1], patches, index == 0)]
+        user = [self._segment(ids, kind, grid if patch else None)
+                for kind, ids, patch in prompter.user_turn(chunk.start, chunk.end, grid[0] * grid[1], patches,
+                                                           index == 0)]
         ctx.rounds.append(Round(index, user, self._segment(prompter.open())))
 
     def _prefill(self, vision_embeds: np.ndarray, vision_deepstack: np.ndarray) -> np.ndarray:

@@ -3,7 +3,12 @@
 Logical layout (what the model sees, in order):
 
     [head: system block, "<|im_start|>previous text\\n"] [pinned query] [previous text: sink + window]
-    ["<|im_end|>\\n"] [rounds: user turn (Time= text, vision), "<|im_start|>assistant\\n", reply, "<|im_end|>\\n"]
+    ["<|im_end|>\\n"] [rounds: user turn, "<|im_start|>assistant\\n", reply, "<|im_end|>\\n"]
+
+A user turn is "<|im_start|>user\\n", its Time= text, its vision block (<|vision_start|>, the video pads,
+<|vision_end|>), the query (chunk 0 only) and "<|im_end|>\\n". The vision window and the text rounds are
+independent: a turn loses its vision block after `window_size` chunks if that comes first, or its Time= text
+with its reply after `text_round` chunks if that comes first, and goes whole after the larger of the two.
 
 Every segment owns the physical cache slots of its tokens; this module only decides which segments stay and in
 what order. Positions are recomputed over the whole retained sequence after each eviction (contiguous RoPE), so
@@ -21,8 +26,10 @@ from .positions import rope_positions
 class Segment:
     tokens: np.ndarray  # int64 token ids
     slots: np.ndarray  # int64 physical cache slots, one per token
-    grid: tuple[int, int] | None = None  # a vision block of one temporal patch: merged (rows, cols); None = text
-    kind: str = "text"  # "text", "vision" or "query" (the user's question, which may be pinned)
+    grid: tuple[int, int] | None = None  # the video pads of one temporal patch: merged (rows, cols); None = text
+    # "text"; "time" (a turn's Time= text); "vision" (a turn's vision block: its markers and pads); "query" (the
+    # user's question in chunk 0, which may be pinned)
+    kind: str = "text"
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -45,11 +52,19 @@ class Round:
 
 @dataclass
 class Settings:
-    window_size: int = 16  # user turns (with their vision tokens) kept
-    text_round: int = 16  # (user, assistant) rounds whose reply stays verbatim
+    window_size: int = 16  # the last window_size user turns keep their vision block
+    text_round: int = 16  # the last text_round rounds keep their reply verbatim (and their Time= text)
     text_sink: int = 512  # first previous-text tokens kept forever
     text_window: int = 512  # last previous-text tokens kept
     keep_query: bool = False  # pin the first turn's query instead of forgetting it with that turn
+
+    def capacity(self, fixed: int, vision: int, turn: int, answer: int) -> int:
+        """The most tokens ever retained: `fixed` (head, previous text, pinned query) plus, after an eviction, a
+        vision block (`vision` tokens) in each of the last window_size turns, the rest of a user turn (`turn`) in
+        each of the last max(window_size, text_round), and an assistant turn (`answer`: its markers and reply) in
+        each of the last text_round."""
+        turns = max(self.window_size, self.text_round)
+        return fixed + self.window_size * vision + turns * turn + self.text_round * answer
 
 
 def _empty() -> Segment:
@@ -90,14 +105,21 @@ class Context:
         """StreamingVLM's eviction at the start of `chunk`, before its prefill; returns the freed slots."""
         s, freed = self.settings, []
         for r in self.rounds:
-            # 1. a reply text_round chunks old moves, with its K/V, to the end of the previous text; its shell goes
-            if chunk - r.index >= s.text_round and not r.folded:
+            age = chunk - r.index
+            # 1. a reply text_round chunks old moves, with its K/V, to the end of the previous text; its shell goes.
+            # If the vision outlives the text, the turn's Time= text goes with it: the turn keeps only its vision.
+            if age >= s.text_round and not r.folded:
                 freed += self._fold(r)
-            # 2. a user turn max(window_size, text_round) chunks old goes: Time= text, vision, the first query
-            if chunk - r.index >= max(s.window_size, s.text_round) and r.user:
+                if s.window_size > s.text_round:
+                    freed += self._drop(r, "time")
+            # 2. if the text outlives the vision, the turn's vision block goes at window_size; its text stays
+            if age >= s.window_size and s.window_size < s.text_round:
+                freed += self._drop(r, "vision")
+            # 3. a user turn max(window_size, text_round) chunks old goes: what is left of it, the first query too
+            if age >= max(s.window_size, s.text_round) and r.user:
                 freed += self._drop_user(r)
         self.rounds = [r for r in self.rounds if r.segments()]
-        # 3. the previous text keeps its first text_sink and last text_window tokens
+        # 4. the previous text keeps its first text_sink and last text_window tokens
         if len(self.previous) > s.text_sink + s.text_window:
             cut = np.arange(s.text_sink, len(self.previous) - s.text_window)
             freed.append(self.previous.slots[cut])
@@ -112,6 +134,11 @@ class Context:
             reply = Segment(reply.tokens[:-n], reply.slots[:-n])
         self.previous = _join(self.previous, reply)
         r.open, r.reply, r.close, r.folded = _empty(), _empty(), _empty(), True
+        return freed
+
+    def _drop(self, r: Round, kind: str) -> list[np.ndarray]:
+        freed = [segment.slots for segment in r.user if segment.kind == kind]
+        r.user = [segment for segment in r.user if segment.kind != kind]
         return freed
 
     def _drop_user(self, r: Round) -> list[np.ndarray]:

@@ -38,15 +38,19 @@ class Prompter:
         return self.encode("<|im_end|>\n")
 
     def user_turn(self, start: float, end: float, tokens_per_patch: int, patches: int, first: bool):
-        """[(kind, ids)] of `<|im_start|>user\\nTime=a-bs<|vision_start|>...<|vision_end|>[query]<|im_end|>\\n`,
-        one ("vision", ids) entry per temporal patch."""
+        """[(kind, ids, is_patch)] of the user turn, `<|im_start|>user\\nTime=a-bs<|vision_start|>`, the video pads,
+        `<|vision_end|>[query]<|im_end|>\\n`, cut where eviction cuts: the Time= text ("time"), the vision block
+        ("vision": its markers, and one entry of video pads per temporal patch) and the query. The tokenizer never
+        merges across these cuts (tested)."""
         stamp = f"<{(start + end) / 2:.1f} seconds>" if self.timestamps else ""
-        pieces = [("text", self.encode(f"<|im_start|>user\nTime={start:.1f}-{end:.1f}s{stamp}<|vision_start|>"))]
-        pieces += [("vision", np.full(tokens_per_patch, self.ids["video_pad"], np.int64))] * patches
-        pieces.append(("text", self.encode("<|vision_end|>")))
+        pieces = [("text", self.encode("<|im_start|>user\n"), False),
+                  ("time", self.encode(f"Time={start:.1f}-{end:.1f}s{stamp}"), False),
+                  ("vision", self.encode("<|vision_start|>"), False)]
+        pieces += [("vision", np.full(tokens_per_patch, self.ids["video_pad"], np.int64), True)] * patches
+        pieces.append(("vision", self.encode("<|vision_end|>"), False))
         if first and self.query:
-            pieces.append(("query", self.encode(self.query)))
-        pieces.append(("text", self.encode("<|im_end|>\n")))
+            pieces.append(("query", self.encode(self.query), False))
+        pieces.append(("text", self.encode("<|im_end|>\n"), False))
         return pieces
 
     def open(self) -> np.ndarray:

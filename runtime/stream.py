@@ -34,8 +34,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fps", type=float, default=2.0, help="frames per second fed to the model")
     p.add_argument("--chunk-duration", type=float, default=1.0, help="seconds per chunk")
     p.add_argument("--max-pixels", type=int, help="pixel budget per frame (default from the manifest)")
-    p.add_argument("--window-size", type=int, default=16, help="user turns (vision) kept")
-    p.add_argument("--text-round", type=int, default=16, help="rounds whose reply stays verbatim (>= 2)")
+    p.add_argument("--window-size", type=int, default=16,
+                   help="vision window: the last N chunks keep their frames' tokens (default 16)")
+    p.add_argument("--text-round", type=int, default=16,
+                   help="text rounds: the last N chunks keep their reply verbatim and their Time= text; older replies "
+                        "move into the previous text (>= 2, default 16). A chunk's turn goes whole after the larger "
+                        "of the two windows")
     p.add_argument("--text-sink", type=int, default=512)
     p.add_argument("--text-window", type=int, default=512)
     p.add_argument("--keep-query", action="store_true", help="pin the query instead of forgetting it")

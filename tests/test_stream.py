@@ -16,6 +16,7 @@ from runtime.context import Settings
 from runtime.manifest import Manifest
 from runtime.model import Model
 from runtime.preprocess import patchify, smart_resize
+from runtime.prompt import Prompter
 from runtime.sample import write_clip
 from runtime.sampling import Sampling
 from runtime.subtitles import parse_srt, parse_vtt
@@ -86,12 +87,29 @@ def test_without_eviction_every_chunk_equals_generate(tiny_graphs, hf_tiny, tmp_
         conversation += expected + [ids["im_end"]]
 
 
-def test_with_eviction_onnx_equals_the_pytorch_reference(tiny_graphs, hf_tiny, tmp_path):
-    """Small windows so that folding, dropping and trimming each run dozens of times over 64 chunks."""
+@pytest.mark.parametrize("timestamps", [False, True])
+def test_a_user_turn_cut_for_eviction_has_the_ids_of_the_whole_string(tiny_graphs, timestamps):
+    prompter = Prompter(Manifest.load(tiny_graphs), None, "", "Commentate on this match", timestamps)
+    for start in (0.0, 7.5, 123.0, 35999.0):
+        pieces = prompter.user_turn(start, start + 1, 6, 2, start == 0)
+        stamp = f"<{start + 0.5:.1f} seconds>" if timestamps else ""
+        query = "Commentate on this match" if start == 0 else ""
+        whole = (f"<|im_start|>user\nTime={start:.1f}-{start + 1:.1f}s{stamp}<|vision_start|>{'<|video_pad|>' * 12}"
+                 f"<|vision_end|>{query}<|im_end|>\n")
+        assert np.concatenate([ids for _, ids, _ in pieces]).tolist() == prompter.encode(whole).tolist()
+        assert [kind for kind, _, patch in pieces if patch] == ["vision", "vision"]
+
+
+@pytest.mark.parametrize("windows", [dict(window_size=2, text_round=5, text_sink=6, text_window=10),
+                                     dict(window_size=3, text_round=3, text_sink=6, text_window=10),
+                                     dict(window_size=5, text_round=2, text_sink=6, text_window=10)],
+                         ids=["vision-window-smaller", "equal", "vision-window-larger"])
+def test_with_eviction_onnx_equals_the_pytorch_reference(tiny_graphs, hf_tiny, tmp_path, windows):
+    """Small windows so that folding, dropping vision blocks, Time= texts and whole turns, and trimming each run
+    dozens of times over 48 chunks, in all three cases of the vision window against the text rounds."""
     manifest = Manifest.load(tiny_graphs)
-    chunks = chunks_of(manifest, lossless_clip(tmp_path / "long.mkv", 64, fps=4))
-    assert len(chunks) == 64
-    windows = dict(window_size=3, text_round=4, text_sink=6, text_window=10)
+    chunks = chunks_of(manifest, lossless_clip(tmp_path / "long.mkv", 48, fps=4))
+    assert len(chunks) == 48
     commentator = Commentator(Model(manifest), StreamConfig(Settings(**windows), GREEDY, max_new_tokens=6))
     tok = Tokenizer.from_file(str(tiny_graphs / "tokenizer" / "tokenizer.json"))
     reference = ReferenceStream(hf_tiny, tok, manifest, max_new_tokens=6, **windows)
