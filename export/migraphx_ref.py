@@ -69,6 +69,7 @@ class Result:
     folded: list = field(default_factory=list)  # ONNX ops computed at parse time (no instruction left)
     seconds: float = 0.0
     problems: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
 
 
 def static_cases(manifest: Manifest, frame=FRAME, capacity: int | None = None) -> list[Case]:
@@ -247,6 +248,8 @@ def check(manifest: Manifest, frame=FRAME, capacity: int | None = None, seed: in
         result = run_case(migraphx, model, case, random_feeds(manifest, case, rng))
         if case.graph == "cache_write" and not result.problems:
             result.problems += in_place_write(migraphx, model, case, rng)
+            result.notes.append("in place: each cache input is read only by the ScatterND writing it; two steps "
+                                "on one set of buffers leave both steps' K/V in their slots")
         results.append(result)
         problems += result.problems
         log(describe(result))
@@ -266,6 +269,7 @@ def describe(result: Result) -> str:
         lines.append(f"  rewritten: {', '.join(renamed)}")
     if result.folded:
         lines.append(f"  folded at parse time: {', '.join(result.folded)}")
+    lines += [f"  {note}" for note in result.notes if not result.problems]
     lines += [f"  {p}" for p in result.problems]
     return "\n".join(lines)
 
