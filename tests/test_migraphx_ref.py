@@ -56,7 +56,7 @@ def test_the_export_proves_itself_on_migraphx(tiny_graphs):
 def test_a_graph_migraphx_cannot_parse_is_named(tiny_graphs, tmp_path):
     copy = tmp_path / "tiny"
     shutil.copytree(tiny_graphs, copy)
-    manifest = Manifest.load(copy)
+    manifest = Manifest.load(copy)  # before the change: the file sizes it records no longer hold after it
     x = helper.make_tensor_value_info("positions", TensorProto.INT64, [3, "past"])
     y = helper.make_tensor_value_info("key.0", TensorProto.FLOAT, None)
     graph = helper.make_graph([helper.make_node("Cast", ["positions"], ["f"], to=TensorProto.FLOAT),
@@ -72,3 +72,20 @@ def test_without_migraphx_the_cli_says_how_to_get_it(tiny_graphs):
     result = cli("-m", "export.check", str(tiny_graphs), "--migraphx", env=env)
     assert result.returncode == 1 and "install.sh" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@needs_migraphx
+def test_a_cache_write_that_reads_its_cache_twice_is_not_in_place_safe(tiny_graphs, tmp_path):
+    """key_out.0 = ScatterND(key.0, ...) + (key.0 - key.0): the same values, but bound in place the second read of
+    key.0 would see the scattered cache, so the check must refuse it."""
+    copy = tmp_path / "tiny"
+    shutil.copytree(tiny_graphs, copy)
+    manifest = Manifest.load(copy)  # before the change: the file sizes it records no longer hold after it
+    model = onnx.load(str(copy / "cache_write.onnx"))
+    scatter = next(n for n in model.graph.node if n.output[0] == "key_out.0")
+    scatter.output[0] = "scattered"
+    model.graph.node.extend([helper.make_node("Sub", ["key.0", "key.0"], ["zeros"]),
+                             helper.make_node("Add", ["scattered", "zeros"], ["key_out.0"])])
+    onnx.save(model, str(copy / "cache_write.onnx"))
+    _, problems = migraphx_ref.check(manifest, capacity=64, log=lambda line: None)
+    assert problems and all("key.0 is read by" in p for p in problems), problems
