@@ -23,6 +23,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 
 from runtime.commentator import SHELL_TOKENS, Commentator, StreamConfig
 from runtime.manifest import Manifest
@@ -122,7 +123,6 @@ def random_feeds(manifest: Manifest, case: Case, rng) -> dict:
     return {k: v.astype(float_dtype if dtypes[k] != "int64" else np.int64) for k, v in feeds.items()}
 
 
-
 def run_case(migraphx, model: Model, case: Case, feeds: dict) -> Result:
     """Parse, compile for `ref`, run; compare every output with ONNX Runtime's CPU session of the same shapes."""
     manifest, result, start = model.manifest, Result(case), time.perf_counter()
@@ -142,6 +142,8 @@ def run_case(migraphx, model: Model, case: Case, feeds: dict) -> Result:
         return result
     expected = model.session(case.graph, case.dims).run(None, feeds)
     names = [v["name"] for v in manifest["graphs"][case.graph]["outputs"]]
+    if len(outputs) != len(names):
+        result.problems.append(f"{case.label}: MIGraphX returns {len(outputs)} outputs, the graph has {len(names)}")
     for name, actual, reference in zip(names, outputs, expected):
         if actual.shape != reference.shape or actual.dtype != reference.dtype:
             result.problems.append(f"{case.label}: {name} is {actual.dtype}{list(actual.shape)} on MIGraphX, "
@@ -182,8 +184,6 @@ def instructions(program) -> list[dict]:
 def rewrites(program, manifest: Manifest, graph: str) -> tuple[dict, list]:
     """What the parser made of each ONNX op type: {op: [MIGraphX ops]}, and the op types it left no instruction
     for (computed at parse time from constants and static shapes, e.g. Shape)."""
-    import onnx
-
     model = onnx.load(str(manifest.path(manifest["graphs"][graph]["file"])), load_external_data=False)
     op_of = {node.name: node.op_type for node in model.graph.node if node.name}
     made = defaultdict(set)
