@@ -1,5 +1,5 @@
 """python -m export --model NAME|FOLDER|HUB_ID [--out graphs/NAME] [--dtype fp32] [--random-weights] [--force]
-[--no-verify]"""
+[--no-verify] [--no-migraphx]"""
 
 import argparse
 import sys
@@ -18,6 +18,8 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true", help="replace an existing export")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the proof against transformers")
+    parser.add_argument("--no-migraphx", dest="migraphx", action="store_false",
+                        help="skip the proof on MIGraphX's ref target (run when its Python module is importable)")
     args = parser.parse_args(argv)
     from runtime.manifest import ManifestError
 
@@ -25,12 +27,13 @@ def main(argv=None) -> int:
     from .verify import VerificationError
 
     try:
-        run(ExportOptions(args.model, args.out, args.dtype, args.random_weights, args.force, args.verify))
+        run(ExportOptions(args.model, args.out, args.dtype, args.random_weights, args.force, args.verify,
+                          args.migraphx))
     except (SourceError, ManifestError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except VerificationError as error:
-        print(f"error: the export does not match transformers: {error}", file=sys.stderr)
+        print(f"error: the export does not match its reference: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,13 +1,16 @@
 """Graph lint: would every node run as exported, with static shapes, on the MIGraphX execution provider?
 
     python -m export.check graphs/NAME
+    python -m export.check graphs/NAME --migraphx [--frame 64x96] [--capacity N]   # also on MIGraphX itself
 
 Checks every node of every graph in the manifest: op types MIGraphX takes (and no control flow or NonZero),
 shape-like inputs (Reshape shape, Slice bounds, Expand shape, ...) that derive from constants or `Shape` only,
 never from tensor values, refused modes, tensor dtypes; that every input dim is static once the runtime fixes
 its named dims; and each graph's inputs and outputs against the manifest. Prints each offender by node name and exits 1 if there is any. Rules: `migraphx_ops.json`.
+`--migraphx` then runs every graph on MIGraphX's own parser and reference target (`export/migraphx_ref.py`).
 """
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -99,18 +102,32 @@ def check(root: str | Path) -> list[str]:
 
 
 def main(argv=None) -> int:
-    args = argv if argv is not None else sys.argv[1:]
-    if len(args) != 1:
-        print("usage: python -m export.check graphs/NAME", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(prog="python -m export.check", description=__doc__.splitlines()[0])
+    parser.add_argument("graphs", help="an export folder (graphs/NAME)")
+    parser.add_argument("--migraphx", action="store_true",
+                        help="also parse, compile and run every graph on MIGraphX's ref target (CPU)")
+    parser.add_argument("--frame", default="64x96", help="frame HEIGHTxWIDTH in pixels the static shapes follow")
+    parser.add_argument("--capacity", type=int, help="KV cache slots (default: what the stream would choose)")
+    args = parser.parse_args(argv)
     try:
-        problems = check(args[0])
+        problems = check(args.graphs)
     except ManifestError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     for problem in problems:
         print(problem)
-    print(f"{args[0]}: {'ready for MIGraphX' if not problems else f'{len(problems)} problem(s)'}")
+    print(f"{args.graphs}: {'ready for MIGraphX' if not problems else f'{len(problems)} problem(s)'}")
+    if args.migraphx and not problems:
+        from . import migraphx_ref
+
+        try:
+            frame = tuple(int(x) for x in args.frame.lower().split("x"))
+            _, problems = migraphx_ref.check(Manifest.load(args.graphs), frame, args.capacity)
+        except (migraphx_ref.Unavailable, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        verdict = "every graph matches ONNX Runtime" if not problems else f"{len(problems)} problem(s)"
+        print(f"{args.graphs}: {verdict} on MIGraphX (ref target)")
     return 1 if problems else 0
 
 

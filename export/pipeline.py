@@ -14,9 +14,10 @@ from runtime.manifest import FORMAT_VERSION, Manifest, ManifestError
 
 from runtime.model import Model
 
-from . import artifacts, cache_graphs, check, graphs, verify
+from . import artifacts, cache_graphs, check, graphs, migraphx_ref, verify
 from .decoder import DecoderStep
 from .load import Source, SourceError, resolve
+from .verify import VerificationError
 from .vision import VisionEncoder
 
 DTYPES = ("fp32", "fp16")
@@ -32,6 +33,7 @@ class ExportOptions:
     random_weights: bool = False
     force: bool = False
     verify: bool = True
+    migraphx: bool = True  # with verify: also prove the graphs on MIGraphX's ref target when it is importable
 
 
 def run(opts: ExportOptions, log=print) -> Path:
@@ -90,10 +92,30 @@ def run(opts: ExportOptions, log=print) -> Path:
                                     "tolerance": f"{verify.RTOL[opts.dtype]} x max(1, max|reference|)",
                                     "greedy_agreement_min": verify.AGREEMENT[opts.dtype],
                                     "reference": "transformers, float32"}
+        if opts.migraphx:
+            manifest["verification"]["migraphx_ref"] = _prove_on_migraphx(Manifest(out, manifest), log)
     manifest["files"] = artifacts.file_table(out)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     log(f"done: {out} in {time.perf_counter() - start:.0f} s ({_peak_memory()})")
     return out
+
+
+def _prove_on_migraphx(manifest: Manifest, log) -> dict | str:
+    """Every graph on MIGraphX's parser and ref target against ONNX Runtime, at small static shapes (one merge
+    block per frame, 64 cache slots: the ref target runs naive loops); the reason when MIGraphX is not here."""
+    try:
+        migraphx_ref.load()
+    except migraphx_ref.Unavailable as error:
+        log(f"not proven on MIGraphX: {error}")
+        return str(error)
+    log("proving the graphs on MIGraphX (ONNX parser + ref target, CPU) against ONNX Runtime")
+    block = manifest["preprocess"]["patch_size"] * manifest["preprocess"]["merge_size"]
+    results, problems = migraphx_ref.check(manifest, (block, block), capacity=64,
+                                           log=lambda line: log("  " + line.replace("\n", "\n  ")))
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise VerificationError(f"MIGraphX (ref target) disagrees: {problems[0]}{more}")
+    return {r.case.label: r.errors for r in results}
 
 
 def _peak_memory() -> str:

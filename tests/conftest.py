@@ -37,3 +37,11 @@ def tiny_graphs(tmp_path_factory) -> Path:
     from export.pipeline import ExportOptions, run
 
     return run(ExportOptions("tiny", tmp_path_factory.mktemp("graphs") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny16(tmp_path_factory) -> Path:
+    """The tiny model exported in fp16, once for the whole test session."""
+    from export.pipeline import ExportOptions, run
+
+    return run(ExportOptions("tiny", tmp_path_factory.mktemp("fp16") / "tiny16", dtype="fp16"))

@@ -56,7 +56,9 @@ def test_real_width_few_layers_exports_and_matches(tmp_path):
     # the 4B widths (hidden 2560, 32/8 heads, head_dim 128, FFN 9728, vision 1024 wide, real vocab), 3 layers
     folder = hf_folder(tmp_path / "wide", "Qwen3-VL-4B", **{
         "text_config.num_hidden_layers": 3, "vision_config.depth": 3, "vision_config.deepstack_visual_indexes": [0, 1, 2]})
-    out = run(ExportOptions(str(folder), tmp_path / "graphs", random_weights=True))
+    # MIGraphX's ref target runs naive loops: at these widths its proof takes minutes and ~10 GB (the tiny exports
+    # carry it in the tests; README, "AMD GPUs")
+    out = run(ExportOptions(str(folder), tmp_path / "graphs", random_weights=True, migraphx=False))
     manifest = Manifest.load(out)
     assert manifest["text"]["hidden_size"] == 2560 and manifest["vision"]["hidden_size"] == 1024
     assert (out / "decoder.onnx.data").stat().st_size > 2**31  # weights as external data, past the 2 GB protobuf cap

@@ -4,7 +4,6 @@ fp16 tensors, so the faithful run here is ONNX's reference evaluator, which roun
 
 import numpy as np
 import onnx
-import pytest
 from onnx.reference import ReferenceEvaluator
 
 from conftest import hf_folder
@@ -13,11 +12,6 @@ from export.pipeline import ExportOptions, run
 from export.verify import AGREEMENT, RTOL
 from runtime.manifest import Manifest
 from runtime.model import Model
-
-
-@pytest.fixture(scope="module")
-def tiny16(tmp_path_factory):
-    return run(ExportOptions("tiny", tmp_path_factory.mktemp("fp16") / "tiny16", dtype="fp16"))
 
 
 def test_tiny_fp16_export_holds_its_budget(tiny16):
@@ -78,7 +72,8 @@ def test_faithful_fp16_long_greedy_run_stays_within_budget(tiny_graphs, tiny16):
 def test_real_width_fp16_export_holds_its_budget(tmp_path):
     folder = hf_folder(tmp_path / "wide", "Qwen3-VL-4B", **{
         "text_config.num_hidden_layers": 3, "vision_config.depth": 3, "vision_config.deepstack_visual_indexes": [0, 1, 2]})
-    out = run(ExportOptions(str(folder), tmp_path / "graphs", dtype="fp16", random_weights=True))
+    out = run(ExportOptions(str(folder), tmp_path / "graphs", dtype="fp16", random_weights=True,
+                            migraphx=False))  # too slow on MIGraphX's ref target at these widths (test_export.py)
     manifest = Manifest.load(out)
     assert manifest["verification"]["greedy_agreement"] >= AGREEMENT["fp16"]
     assert (out / "decoder.onnx.data").stat().st_size < 1.6e9  # half the fp32 weights
