@@ -3,10 +3,12 @@
 Chunk k covers [start + k*d, start + (k+1)*d). Its n frames sample the chunk at t_j = chunk_start + (j + 0.5) d/n,
 each taking the latest frame shown at t_j (its presentation time <= t_j), so variable frame rates and dropped
 frames are handled by time, never by counting frames. Only the current and the next decoded frame are held.
+Live sources (runtime/live.py) feed the same chunker with frames from one connection after another.
 """
 
 import itertools
 import math
+import time as wall
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +44,7 @@ def _reason(error: Exception) -> str:
 
 
 def _decode(container: av.container.InputContainer, stream: av.video.stream.VideoStream, origin: float,
-            frame_interval: float | None, path: Path) -> Iterator[_Frame]:
+            frame_interval: float | None, path: str | Path) -> Iterator[_Frame]:
     """Decoded frames with their times; a decoding error becomes a VideoError where the stream breaks."""
     time = 0.0
     expected = 0.0  # where a frame without a timestamp goes (raw .h264 streams have none): after the last one
@@ -62,14 +64,30 @@ def _frame_interval(stream: av.video.stream.VideoStream) -> float | None:
     return float(1 / rate) if rate else None
 
 
+def _video_stream(container: av.container.InputContainer, path: str | Path) -> av.video.stream.VideoStream:
+    if not container.streams.video:
+        raise VideoError(f"{path}: has no video stream (audio only?); pass a file that contains video")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return stream
+
+
+def paced(frames: Iterator[_Frame], start: float) -> Iterator[_Frame]:
+    """`frames` released no earlier than their time after `start` on the wall clock: a file played as if live."""
+    began = wall.monotonic()
+    for frame in frames:
+        wall.sleep(max(0.0, began + frame.time - start - wall.monotonic()))
+        yield frame
+
+
 def read_chunks(path: str | Path, *, resize: Callable[[int, int], tuple[int, int]], chunk_duration: float = 1.0,
                 frames_per_chunk: int = 2, start: float = 0.0, duration: float | None = None,
-                min_side: int = 16) -> Iterator[Chunk]:
+                min_side: int = 16, realtime: bool = False) -> Iterator[Chunk]:
     """Yield the chunks of `path` from `start` for `duration` seconds (to the end when None).
 
     `resize(height, width)` is called once with the first frame's size and returns the target (height, width)
     every frame is converted to (bicubic). Errors, including those met mid-stream, raise VideoError when
-    iteration reaches them; chunks already yielded stay valid.
+    iteration reaches them; chunks already yielded stay valid. `realtime` paces the frames by the wall clock.
     """
     path = Path(path)
     if not path.is_file():
@@ -80,10 +98,7 @@ def read_chunks(path: str | Path, *, resize: Callable[[int, int], tuple[int, int
         raise VideoError(f"{path}: not a readable video, or a truncated one ({_reason(error)}); "
                          "pass a complete video file such as .mp4, .mkv or .webm") from error
     with container:
-        if not container.streams.video:
-            raise VideoError(f"{path}: has no video stream (audio only?); pass a file that contains video")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        stream = _video_stream(container, path)
         # Times count from the file's first timestamp (MPEG-TS, for one, starts its clock near 1.4 s), as a
         # player's timeline does; a video stream that starts after the audio keeps its offset.
         origin = container.start_time / av.time_base if container.start_time is not None else 0.0
@@ -94,14 +109,17 @@ def read_chunks(path: str | Path, *, resize: Callable[[int, int], tuple[int, int
                 raise VideoError(f"{path}: cannot seek to {start:.1f} s ({_reason(error)}); "
                                  "re-encode the file or start at 0") from error
         interval = _frame_interval(stream)
-        yield from _chunks(_decode(container, stream, origin, interval, path), path, resize, chunk_duration,
-                           frames_per_chunk, start, math.inf if duration is None else start + duration,
-                           min_side, interval)
+        frames = _decode(container, stream, origin, interval, path)
+        yield from chunk_frames(paced(frames, start) if realtime else frames, path, resize, chunk_duration,
+                                frames_per_chunk, start, math.inf if duration is None else start + duration,
+                                min_side, interval)
 
 
-def _chunks(frames: Iterator[_Frame], path: Path, resize: Callable[[int, int], tuple[int, int]],
-            chunk_duration: float, frames_per_chunk: int, start: float, stop: float, min_side: int,
-            frame_interval: float | None) -> Iterator[Chunk]:
+def chunk_frames(frames: Iterator[_Frame], path: str | Path, resize: Callable[[int, int], tuple[int, int]],
+                 chunk_duration: float, frames_per_chunk: int, start: float, stop: float, min_side: int,
+                 frame_interval: float | None, gap: float = math.inf) -> Iterator[Chunk]:
+    """The chunks of timed `frames`. A chunk in which no frame arrives while the one on screen is older than
+    `gap` seconds is skipped (live sources: an outage is a gap in the cues, not seconds of a frozen picture)."""
     current = next(frames, None)
     if current is None:
         raise VideoError(f"{path}: no video frame could be decoded; the file is empty or damaged, re-encode it")
@@ -125,6 +143,8 @@ def _chunks(frames: Iterator[_Frame], path: Path, resize: Callable[[int, int], t
     for index in itertools.count():
         chunk_start = start + index * chunk_duration
         chunk_end = chunk_start + chunk_duration
+        if upcoming is not None and upcoming.time >= chunk_end and chunk_start - current.time > gap:
+            continue
         picked: list[np.ndarray] = []
         for j in range(frames_per_chunk):
             target = chunk_start + (j + 0.5) * chunk_duration / frames_per_chunk
