@@ -75,6 +75,12 @@ def _open(source: str, where: str, timeout: float) -> av.container.InputContaine
     return av.open(url, format=fmt, options=options, timeout=(timeout, timeout))
 
 
+def _why(error: Exception, timeout: float) -> str:
+    if isinstance(error, av.error.ExitError):  # PyAV's timeout interrupts FFmpeg with "Immediate exit requested"
+        return f"no data for {timeout:g} s"
+    return _reason(error)
+
+
 def live_frames(source: str, config: LiveConfig, on_status: Callable[[Status], None],
                 stop: threading.Event) -> Iterator[_Frame]:
     """Timed frames of a live source over as many connections as it takes; the clock only moves forward."""
@@ -103,21 +109,20 @@ def live_frames(source: str, config: LiveConfig, on_status: Callable[[Status], N
                     if stop.is_set():
                         return
         except VideoError as error:  # raised by _decode or _video_stream: the cause, if any, is the real reason
-            reason = _reason(error.__cause__) if error.__cause__ else str(error)
+            reason = _why(error.__cause__, config.timeout) if error.__cause__ else str(error)
         except AV_ERRORS as error:  # InvalidDataError (RTSP), ExitError (a timeout), OSError (a closed socket)
-            reason = _reason(error)
+            reason = _why(error, config.timeout)
         reason = redact(reason)
         if last == -math.inf and not delivered:
-            raise VideoError(f"{name}: no video frame arrived within {config.timeout:g} s ({reason}); "
+            raise VideoError(f"{name}: no video frame arrived ({reason}); "
                              "check the address and that the source is sending")
-        if where == "pipe" and reason == "the stream ended":
-            return  # a finite live stream that ends normally
+        if reason == "the stream ended" and retries == 0:
+            on_status(Status("ended", name))
+            return  # a finite live stream (a pipe, or --reconnect 0) that ends normally
         on_status(Status("disconnected", name, {"reason": reason}))
         attempt += 1
         if attempt > retries:
-            if retries == 0 and reason == "the stream ended":
-                return
-            what = "the stream broke" if retries == 0 else f"gave up after {retries} reconnect attempts"
+            what = "the stream broke" if retries == 0 else f"gave up after {retries} reconnect attempt(s)"
             raise VideoError(f"{name}: {what} ({reason})")
         wait = BACKOFF[min(attempt, len(BACKOFF)) - 1]
         on_status(Status("reconnecting", name, {"attempt": attempt, "wait_seconds": wait}))
