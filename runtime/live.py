@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import av
 
-from .video import (AV_ERRORS, Chunk, VideoError, _decode, _Frame, _frame_interval, _reason, _video_stream,
-                    chunk_frames, paced, read_chunks)
+from .video import (AV_ERRORS, Chunk, TimedFrame, VideoError, chunk_frames, decode_frames, error_text, paced,
+                    rate_interval, read_chunks, video_stream)
 
 NETWORK = re.compile(r"^(rtsps?|rtmps?|https?|tcp|udp|srt|rtp)://", re.IGNORECASE)
 PIPE = re.compile(r"^pipe:(\d+)$")
@@ -78,11 +78,11 @@ def _open(source: str, where: str, timeout: float) -> av.container.InputContaine
 def _why(error: Exception, timeout: float) -> str:
     if isinstance(error, av.error.ExitError):  # PyAV's timeout interrupts FFmpeg with "Immediate exit requested"
         return f"no data for {timeout:g} s"
-    return _reason(error)
+    return error_text(error)
 
 
 def live_frames(source: str, config: LiveConfig, on_status: Callable[[Status], None],
-                stop: threading.Event) -> Iterator[_Frame]:
+                stop: threading.Event) -> Iterator[TimedFrame]:
     """Timed frames of a live source over as many connections as it takes; the clock only moves forward."""
     where, name = kind(source), redact(source)
     retries = 0 if where == "pipe" else (math.inf if config.reconnect is None else config.reconnect)
@@ -93,11 +93,11 @@ def live_frames(source: str, config: LiveConfig, on_status: Callable[[Status], N
         began, delivered, reason = time.monotonic(), False, "the stream ended"
         try:
             with _open(source, where, config.timeout) as container:
-                stream = _video_stream(container, name)
+                stream = video_stream(container, name)
                 if origin is None:
                     origin = container.start_time / av.time_base if container.start_time is not None else 0.0
-                interval = _frame_interval(stream)
-                for frame in _decode(container, stream, origin, interval, name):
+                interval = rate_interval(stream)
+                for frame in decode_frames(container, stream, origin, interval, name):
                     if not delivered:
                         delivered, attempt = True, 0
                         on_status(Status("connected", name, {"open_seconds": round(time.monotonic() - began, 2)}))
@@ -108,12 +108,12 @@ def live_frames(source: str, config: LiveConfig, on_status: Callable[[Status], N
                     yield frame
                     if stop.is_set():
                         return
-        except VideoError as error:  # raised by _decode or _video_stream: the cause, if any, is the real reason
+        except VideoError as error:  # from decode_frames or video_stream: the cause, if any, is the real reason
             reason = _why(error.__cause__, config.timeout) if error.__cause__ else str(error)
         except AV_ERRORS as error:  # InvalidDataError (RTSP), ExitError (a timeout), OSError (a closed socket)
             reason = _why(error, config.timeout)
         reason = redact(reason)
-        if last == -math.inf and not delivered:
+        if last == -math.inf:  # not a single frame yet: a wrong address or a source that is not sending
             raise VideoError(f"{name}: no video frame arrived ({reason}); "
                              "check the address and that the source is sending")
         if reason == "the stream ended" and retries == 0:

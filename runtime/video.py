@@ -33,18 +33,18 @@ class Chunk:
 
 
 @dataclass
-class _Frame:
+class TimedFrame:
     time: float  # seconds from the stream's start
     duration: float | None  # seconds, when the container says
     frame: av.VideoFrame
 
 
-def _reason(error: Exception) -> str:
+def error_text(error: Exception) -> str:
     return (getattr(error, "strerror", None) or str(error)).replace("\n", " ")
 
 
-def _decode(container: av.container.InputContainer, stream: av.video.stream.VideoStream, origin: float,
-            frame_interval: float | None, path: str | Path) -> Iterator[_Frame]:
+def decode_frames(container: av.container.InputContainer, stream: av.video.stream.VideoStream, origin: float,
+                  frame_interval: float | None, path: str | Path) -> Iterator[TimedFrame]:
     """Decoded frames with their times; a decoding error becomes a VideoError where the stream breaks."""
     time = 0.0
     expected = 0.0  # where a frame without a timestamp goes (raw .h264 streams have none): after the last one
@@ -53,18 +53,18 @@ def _decode(container: av.container.InputContainer, stream: av.video.stream.Vide
             duration = float(frame.duration * frame.time_base) if frame.duration else None
             time = expected if frame.time is None else frame.time - origin
             expected = time + (duration or frame_interval or 0.0)
-            yield _Frame(time, duration, frame)
+            yield TimedFrame(time, duration, frame)
     except AV_ERRORS as error:
-        raise VideoError(f"{path}: the video data is damaged after {time:.1f} s ({_reason(error)}); "
+        raise VideoError(f"{path}: the video data is damaged after {time:.1f} s ({error_text(error)}); "
                          "re-encode the file, e.g. ffmpeg -i IN -c:v libx264 OUT.mp4") from error
 
 
-def _frame_interval(stream: av.video.stream.VideoStream) -> float | None:
+def rate_interval(stream: av.video.stream.VideoStream) -> float | None:
     rate = stream.average_rate or stream.guessed_rate
     return float(1 / rate) if rate else None
 
 
-def _video_stream(container: av.container.InputContainer, path: str | Path) -> av.video.stream.VideoStream:
+def video_stream(container: av.container.InputContainer, path: str | Path) -> av.video.stream.VideoStream:
     if not container.streams.video:
         raise VideoError(f"{path}: has no video stream (audio only?); pass a file that contains video")
     stream = container.streams.video[0]
@@ -72,7 +72,7 @@ def _video_stream(container: av.container.InputContainer, path: str | Path) -> a
     return stream
 
 
-def paced(frames: Iterator[_Frame], start: float) -> Iterator[_Frame]:
+def paced(frames: Iterator[TimedFrame], start: float) -> Iterator[TimedFrame]:
     """`frames` released no earlier than their time after `start` on the wall clock: a file played as if live."""
     began = wall.monotonic()
     for frame in frames:
@@ -95,10 +95,10 @@ def read_chunks(path: str | Path, *, resize: Callable[[int, int], tuple[int, int
     try:
         container = av.open(str(path))
     except AV_ERRORS as error:
-        raise VideoError(f"{path}: not a readable video, or a truncated one ({_reason(error)}); "
+        raise VideoError(f"{path}: not a readable video, or a truncated one ({error_text(error)}); "
                          "pass a complete video file such as .mp4, .mkv or .webm") from error
     with container:
-        stream = _video_stream(container, path)
+        stream = video_stream(container, path)
         # Times count from the file's first timestamp (MPEG-TS, for one, starts its clock near 1.4 s), as a
         # player's timeline does; a video stream that starts after the audio keeps its offset.
         origin = container.start_time / av.time_base if container.start_time is not None else 0.0
@@ -106,16 +106,16 @@ def read_chunks(path: str | Path, *, resize: Callable[[int, int], tuple[int, int
             try:  # lands on the keyframe at or before `start`; frames before it are skipped by time below
                 container.seek(int((start + origin) / stream.time_base), stream=stream)
             except AV_ERRORS as error:
-                raise VideoError(f"{path}: cannot seek to {start:.1f} s ({_reason(error)}); "
+                raise VideoError(f"{path}: cannot seek to {start:.1f} s ({error_text(error)}); "
                                  "re-encode the file or start at 0") from error
-        interval = _frame_interval(stream)
-        frames = _decode(container, stream, origin, interval, path)
+        interval = rate_interval(stream)
+        frames = decode_frames(container, stream, origin, interval, path)
         yield from chunk_frames(paced(frames, start) if realtime else frames, path, resize, chunk_duration,
                                 frames_per_chunk, start, math.inf if duration is None else start + duration,
                                 min_side, interval)
 
 
-def chunk_frames(frames: Iterator[_Frame], path: str | Path, resize: Callable[[int, int], tuple[int, int]],
+def chunk_frames(frames: Iterator[TimedFrame], path: str | Path, resize: Callable[[int, int], tuple[int, int]],
                  chunk_duration: float, frames_per_chunk: int, start: float, stop: float, min_side: int,
                  frame_interval: float | None, gap: float = math.inf) -> Iterator[Chunk]:
     """The chunks of timed `frames`. A chunk in which no frame arrives while the one on screen is older than
@@ -130,13 +130,13 @@ def chunk_frames(frames: Iterator[_Frame], path: str | Path, resize: Callable[[i
     target_height, target_width = resize(height, width)
     upcoming = next(frames, None)
 
-    def end_of_video(last: _Frame) -> float:
+    def end_of_video(last: TimedFrame) -> float:
         # The last frame is shown for its own duration, else one frame interval, else (a lone frame of
         # unknown rate) one sampling step so that it still makes a chunk.
         step = last.duration or frame_interval or chunk_duration / frames_per_chunk
         return min(last.time + step, stop)
 
-    def rgb(item: _Frame) -> np.ndarray:
+    def rgb(item: TimedFrame) -> np.ndarray:
         return item.frame.reformat(width=target_width, height=target_height, format="rgb24",
                                    interpolation="BICUBIC").to_ndarray()
 

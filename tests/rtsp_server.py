@@ -19,7 +19,8 @@ server = GstRtspServer.RTSPServer()
 server.set_address("127.0.0.1")
 server.set_service("0")  # any free port
 factory = GstRtspServer.RTSPMediaFactory()
-factory.set_launch(f'( filesrc location="{clip}" ! qtdemux ! h264parse ! rtph264pay name=pay0 pt=96 config-interval=1 )')
+factory.set_launch(f'( filesrc location="{clip}" ! qtdemux ! h264parse '
+                   '! rtph264pay name=pay0 pt=96 config-interval=1 )')
 factory.set_shared(False)
 server.get_mount_points().add_factory("/clip", factory)
 server.attach(None)

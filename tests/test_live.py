@@ -255,9 +255,9 @@ def _gstreamer_rtsp() -> bool:
         return False
 
 
-@pytest.mark.skipif(not os.environ.get("REQUIRE_RTSP") and not _gstreamer_rtsp(), reason="needs GStreamer's RTSP server for /usr/bin/python3 "
-                    "(apt-get install gir1.2-gst-rtsp-server-1.0 python3-gi gstreamer1.0-plugins-good "
-                    "gstreamer1.0-plugins-bad; .ci/run does)")
+@pytest.mark.skipif(not os.environ.get("REQUIRE_RTSP") and not _gstreamer_rtsp(),
+                    reason="needs GStreamer's RTSP server for /usr/bin/python3 (apt-get install python3-gi "
+                    "gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-good gstreamer1.0-plugins-bad; .ci/run does)")
 def test_rtsp_camera(tiny_graphs, tmp_path):
     clip = write_clip(tmp_path / "clip.mp4", 4, 128, 96, 10, codec="h264")
     server = subprocess.Popen([SYSTEM_PYTHON, str(Path(__file__).with_name("rtsp_server.py")), str(clip), "30"],
