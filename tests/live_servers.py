@@ -17,15 +17,19 @@ from runtime.sample import write_clip
 HTTP_HEADER = b"HTTP/1.1 200 OK\r\nContent-Type: video/mp2t\r\nConnection: close\r\n\r\n"
 
 
-def ts_clip(path, seconds: float, width: int = 128, height: int = 96, fps: int = 10):
-    """An H.264 (or MPEG-4) clip remuxed to MPEG-TS, the container of live feeds; returns its bytes."""
-    clip = write_clip(path.with_suffix(".mp4"), seconds, width, height, fps)
-    with av.open(str(clip)) as source, av.open(str(path), "w", format="mpegts") as out:
+def remux(clip, path, fmt: str, options: dict | None = None) -> None:
+    """The video of `clip` copied, not re-encoded, into `path` in container format `fmt` (mpegts, hls, ...)."""
+    with av.open(str(clip)) as source, av.open(str(path), "w", format=fmt, options=options or {}) as out:
         video = out.add_stream_from_template(source.streams.video[0])
         for packet in source.demux(source.streams.video[0]):
-            if packet.dts is not None:
+            if packet.dts is not None:  # the demuxer's final empty packet
                 packet.stream = video
                 out.mux(packet)
+
+
+def ts_clip(path, seconds: float, width: int = 128, height: int = 96, fps: int = 10):
+    """An H.264 (or MPEG-4) clip remuxed to MPEG-TS, the container of live feeds; returns its bytes."""
+    remux(write_clip(path.with_suffix(".mp4"), seconds, width, height, fps), path, "mpegts")
     return path.read_bytes()
 
 

@@ -3,6 +3,8 @@ reconnects after a stall, a close and a restarted clock (HTTP and TCP MPEG-TS), 
 
 Every server listens on 127.0.0.1 and stops by itself; every wait has a bound."""
 
+import functools
+import http.server
 import json
 import os
 import signal
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from live_servers import TsServer, send_paced, ts_clip
+from live_servers import TsServer, remux, send_paced, ts_clip
 from runtime import stream
 from runtime.commentator import Commentator
 from runtime.live import kind, redact
@@ -243,6 +245,29 @@ def test_sigterm_ends_a_live_run_keeping_its_cues(tiny_graphs, tmp_path):
     feeder.join(timeout=25)
     cues, _ = cues_and_events(out.read_text().splitlines())
     assert len(cues) >= 2 and cues[0]["start"] == 0.0
+
+
+def test_hls_recording_ends_normally_with_reconnect_zero(tiny_graphs, tmp_path):
+    """An HLS playlist with EXT-X-ENDLIST, served by a plain HTTP server: read at the live edge (as fast as it
+    downloads, so chunks are dropped and counted), and its end is a normal end with --reconnect 0."""
+    clip = write_clip(tmp_path / "clip.mp4", 4, 128, 96, 10)
+    folder = tmp_path / "hls"
+    folder.mkdir()
+    remux(clip, folder / "index.m3u8", "hls", {"hls_time": "1", "hls_list_size": "0", "hls_playlist_type": "vod"})
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        run = Run(f"http://127.0.0.1:{server.server_address[1]}/index.m3u8", "--graphs", str(tiny_graphs),
+                  "--out", "-", "--reconnect", "0", "--seed", "1")
+        assert run.wait() == 0, run.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+    cues, events = run.cues()
+    assert [e["status"] for e in events] == ["connected", "ended"]
+    indices = [round(c["start"]) for c in cues]
+    assert indices[-1] == 3 and [c["dropped"] for c in cues] == [i - k for k, i in enumerate(indices)]
 
 
 def _gstreamer_rtsp() -> bool:
