@@ -1,11 +1,14 @@
 """python -m runtime.stream VIDEO [--graphs graphs/NAME] [--out commentary.vtt] [options]
 
 Streams a video through the exported graphs and writes one timed cue per chunk, flushed as it is produced, so
-that an error or Ctrl-C loses nothing already written. Bad input ends with a one-line error and exit code 1.
+that an error, Ctrl-C or SIGTERM loses nothing already written. Bad input ends with a one-line error and exit
+code 1. VIDEO is a file, a URL (rtsp, http(s), HLS, tcp, ...), - (stdin), pipe:N or a camera (/dev/video0); live
+sources and --realtime are read at the live edge (runtime/live.py).
 """
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,6 +17,7 @@ from .context import Settings
 from .manifest import Manifest, ManifestError
 from .preprocess import smart_resize
 from .engine import CacheFull
+from .live import Arrival, LiveConfig, LiveEdge, Status, kind, live_chunks, redact
 from .providers import PROVIDERS, ProviderError, choose, provider_options
 from .sampling import Sampling
 from .subtitles import FORMATS, CueWriter, clean_text, format_for
@@ -22,7 +26,7 @@ from .video import VideoError, read_chunks
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m runtime.stream", description="Live commentary for a video.")
-    p.add_argument("video")
+    p.add_argument("video", help="a file, a URL, - (stdin), pipe:N or /dev/videoN")
     p.add_argument("--graphs", help="an export folder or its name under graphs/ (default: the only export there)")
     p.add_argument("--provider", default="auto", help="auto, migraphx, cuda or cpu (default auto)")
     p.add_argument("--out", help="subtitle file, or - for stdout (default commentary.vtt)")
@@ -62,6 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--exhaustive-tune", action="store_true", help="MIGraphX exhaustive tuning (slow first start)")
     p.add_argument("--provider-option", action="append", default=[], metavar="KEY=VALUE",
                    help="any other option of the provider, e.g. migraphx_mem_limit=8000000000")
+    p.add_argument("--realtime", action="store_true",
+                   help="read a file as if it were live: paced by the wall clock, newest chunk first")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to open or read a network source (5)")
+    p.add_argument("--reconnect", type=int, metavar="N",
+                   help="reopen attempts after a live source fails (default: forever; files and pipes: never)")
     p.add_argument("--stats", help="write per-chunk timings as JSON lines to this file")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -94,6 +103,8 @@ def config_from(args):
                          "--repetition-penalty > 0")
     if (args.cache_capacity is not None and args.cache_capacity < 1) or not 0 < args.top_p <= 1:
         raise UsageError("--cache-capacity must be positive and --top-p in (0, 1]")
+    if args.timeout <= 0 or (args.reconnect is not None and args.reconnect < 0):
+        raise UsageError("--timeout must be positive and --reconnect >= 0")
     settings = Settings(args.window_size, args.text_round, args.text_sink, args.text_window, args.keep_query)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     return StreamConfig(settings, sampling, args.max_new_tokens, args.query, args.previous_text, args.system,
@@ -139,32 +150,51 @@ def run(args) -> int:
         try:
             return smart_resize(height, width, factor, prep["min_pixels"], args.max_pixels or prep["max_pixels"])
         except ValueError as error:  # e.g. an aspect ratio over 200
-            raise VideoError(f"{args.video}: {error}") from None
+            raise VideoError(f"{redact(args.video)}: {error}") from None
 
     commentator = Commentator(model, config)
-    chunks = read_chunks(args.video, resize=resize, chunk_duration=args.chunk_duration,
-                         frames_per_chunk=frames_per_chunk, start=args.start, duration=args.duration,
-                         min_side=prep["patch_size"])
-    began, stats = time.perf_counter(), None
+    chunking = dict(resize=resize, chunk_duration=args.chunk_duration, frames_per_chunk=frames_per_chunk,
+                    start=args.start, duration=args.duration, min_side=prep["patch_size"])
+    live = kind(args.video) != "file" or args.realtime
+    if live:  # decoding runs in its own thread; the commentator takes the newest chunk
+        live_config = LiveConfig(args.timeout, args.reconnect, args.realtime)
+        items = LiveEdge(lambda on_status, stop: live_chunks(args.video, live_config, on_status, stop, **chunking))
+    else:  # a file, every chunk, as fast as possible
+        items = (Arrival(chunk, 0.0, 0, 0.0) for chunk in read_chunks(args.video, **chunking))
+    began, stats, processed = time.perf_counter(), None, 0
     with CueWriter(out, fmt) as writer:
         try:
             stats = open(args.stats, "w") if args.stats else None
             wait = time.perf_counter()
-            for chunk in chunks:
-                decoded = time.perf_counter() - wait
-                reply = commentator.step(chunk)
-                if reply.index == 0:  # sessions exist now: say where each graph runs
+            for item in items:
+                if isinstance(item, Status):
+                    log(f"status: {item.line()}")
+                    writer.status({"status": item.event, "source": item.source, **item.detail})
+                    continue
+                waited = time.perf_counter() - wait
+                reply = commentator.step(item.chunk)
+                processed += 1
+                if processed == 1:  # sessions exist now: say where each graph runs
                     log(", ".join(f"{name} on {s.get_providers()[0]}" for name, s in model.sessions.items()))
-                writer.write(reply.start, reply.end, reply.text)  # the writer strips the trained " ..."
                 text = clean_text(reply.text)
-                elapsed = time.perf_counter() - began
-                video_seconds = reply.end - args.start
-                log(f"[{_clock(reply.start)}] {text!r}  ({reply.index + 1} chunks, "
-                    f"{(reply.index + 1) / elapsed:.2f} chunks/s, real-time x{video_seconds / elapsed:.2f}, "
-                    f"cache {reply.cache_tokens} tokens)")
+                if live:
+                    lag = time.monotonic() - item.arrived  # from the chunk's last frame to its cue
+                    writer.write(reply.start, reply.end, reply.text, {"lag": round(lag, 3), "dropped": item.dropped})
+                    log(f"[{_clock(reply.start)}] {text!r}  (lag {lag:.2f} s, {item.dropped} dropped, "
+                        f"{processed} chunks, cache {reply.cache_tokens} tokens)")
+                    record = {"lag": lag, "dropped": item.dropped,
+                              "seconds": {"decode_video": item.decode_seconds, "wait": waited, **reply.seconds}}
+                else:
+                    writer.write(reply.start, reply.end, reply.text)  # the writer strips the trained " ..."
+                    elapsed = time.perf_counter() - began
+                    video_seconds = reply.end - args.start
+                    log(f"[{_clock(reply.start)}] {text!r}  ({reply.index + 1} chunks, "
+                        f"{(reply.index + 1) / elapsed:.2f} chunks/s, real-time x{video_seconds / elapsed:.2f}, "
+                        f"cache {reply.cache_tokens} tokens)")
+                    record = {"seconds": {"decode_video": waited, **reply.seconds}}
                 if stats:
-                    stats.write(json.dumps({"chunk": reply.index, "cache_tokens": reply.cache_tokens,
-                                            "seconds": {"decode_video": decoded, **reply.seconds}}) + "\n")
+                    stats.write(json.dumps({"chunk": reply.index, "cache_tokens": reply.cache_tokens, **record})
+                                + "\n")
                     stats.flush()
                 wait = time.perf_counter()
         finally:
@@ -178,12 +208,17 @@ def _clock(seconds: float) -> str:
     return f"{int(seconds // 3600):02d}:{int(seconds % 3600 // 60):02d}:{seconds % 60:04.1f}"
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM ends the run like Ctrl-C: the cues written so far are kept
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return run(args)
     except (VideoError, ManifestError, ProviderError, UsageError, CacheFull) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {redact(str(error))}", file=sys.stderr)  # credentials in a URL never reach output
         return 1
     except OSError as error:  # a file that cannot be read or written (output, stats, artifacts)
         print(f"error: {error.filename or 'file'}: {error.strerror or error}", file=sys.stderr)
@@ -191,6 +226,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the cues written so far are kept", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -88,8 +88,9 @@ class CueWriter:
         if self.fmt == "vtt":
             self._emit("WEBVTT\n\n")  # a player can open the file before the first cue arrives
 
-    def write(self, start: float, end: float, text: str) -> None:
-        """One chunk from `start` to `end` seconds with the model's raw text (cleaned here)."""
+    def write(self, start: float, end: float, text: str, extra: dict | None = None) -> None:
+        """One chunk from `start` to `end` seconds with the model's raw text (cleaned here); `extra` fields
+        (a live stream's lag and drop count) go into JSON lines only."""
         start_ms, end_ms = _milliseconds(start), _milliseconds(end)
         if start_ms < self._end_ms or end_ms <= start_ms:
             raise ValueError(f"cue {start:.3f}-{end:.3f} s must end after it starts and start at or after "
@@ -98,7 +99,7 @@ class CueWriter:
         text = clean_text(text)
         if self.fmt == "jsonl":
             # One object per chunk, silent ones included, so a consumer sees every second of the stream.
-            cue = {"start": start_ms / 1000, "end": end_ms / 1000, "text": text}
+            cue = {"start": start_ms / 1000, "end": end_ms / 1000, "text": text, **(extra or {})}
             self._emit(json.dumps(cue, ensure_ascii=False) + "\n")
             return
         text = _cue_lines(text)
@@ -110,6 +111,11 @@ class CueWriter:
             self._srt_number += 1
             timing = f"{_timestamp(start_ms, ',')} --> {_timestamp(end_ms, ',')}"
             self._emit(f"{self._srt_number}\n{timing}\n{text}\n\n")
+
+    def status(self, event: dict) -> None:
+        """A live source's state change, e.g. {"status": "reconnecting", ...}: JSON lines only (no cue)."""
+        if self.fmt == "jsonl":
+            self._emit(json.dumps(event, ensure_ascii=False) + "\n")
 
     def _emit(self, chunk: str) -> None:
         self._file.write(chunk)  # one write per cue, so a cue is never flushed half-written by us
