@@ -161,6 +161,21 @@ def decoder_flops(model: Model, past: int, new: int) -> int:
     return 2 * (model.layers * (new * per_token + attention) + hidden * text["vocab_size"])
 
 
+def vision_flops(model: Model, grid_h: int, grid_w: int, frames: int = 1) -> int:
+    """Multiply-adds x 2 of one vision call: the patch embedding, each block's weight products for every patch and
+    its attention within each temporal patch (QK and PV), and the mergers (the final one and one per DeepStack
+    layer) over the merged tokens."""
+    vision = model.manifest["vision"]
+    width, ffn = vision["hidden_size"], model.manifest["config"]["vision_config"]["intermediate_size"]
+    row = vision["in_channels"] * vision["temporal_patch_size"] * vision["patch_size"] ** 2
+    per_frame = grid_h * grid_w
+    tokens, merged = frames * per_frame, width * vision["spatial_merge_size"] ** 2
+    block = tokens * (4 * width * width + 2 * width * ffn) + 2 * frames * per_frame ** 2 * width
+    mergers = (1 + len(vision["deepstack_visual_indexes"])) * tokens // vision["spatial_merge_size"] ** 2 \
+        * merged * (merged + vision["out_hidden_size"])
+    return 2 * (tokens * row * width + vision["depth"] * block + mergers)
+
+
 def decoder_bytes(model: Model, past: int) -> int:
     """Bytes one decode step must read at least: every weight of the decoder graph and the whole cache."""
     weights = sum(int(np.prod(w["shape"])) * np.dtype(w["dtype"]).itemsize

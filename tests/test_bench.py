@@ -12,7 +12,8 @@ def test_quick_bench_writes_well_formed_results(tmp_path, monkeypatch):
     assert main(["--quick", "--results", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     for key in ("decode_ms", "torch_decode_ms", "prefill_ms", "torch_prefill_ms", "vision_ms_per_chunk",
-                "bandwidth_gbs", "decode_floor_ms", "rtf", "torch_rtf", "decode_speedup_bound", "prefill_floor_ms"):
+                "bandwidth_gbs", "decode_floor_ms", "rtf", "torch_rtf", "decode_speedup_bound", "prefill_floor_ms",
+                "vision_floor_ms", "vision_vs_floor"):
         assert key in summary, key
     assert set(summary["decode_ms"]) == set(summary["torch_decode_ms"]) and all(
         v > 0 for v in summary["decode_ms"].values())
@@ -48,3 +49,22 @@ def test_prefill_flops_match_torch_flop_counter(tiny_graphs):
            position_ids=torch.arange(past, past + new).view(1, 1, -1).expand(3, 1, -1),
            attention_mask=torch.ones(1, past + new, dtype=torch.long))
     assert decoder_flops(Model(Manifest.load(tiny_graphs)), past, new) == counter.get_total_flops()
+
+
+def test_vision_flops_match_torch_flop_counter(tiny_graphs):
+    """The vision floor's numerator, likewise, on two temporal patches of a non-square grid."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.measure import vision_flops
+    from export.load import resolve
+    from runtime.manifest import Manifest
+    from runtime.model import Model
+
+    hf = resolve("tiny", random_weights=True).build_model()
+    hf.set_attn_implementation("eager")
+    cfg, frames, grid_h, grid_w = hf.config.vision_config, 2, 6, 10
+    row = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        hf.model.visual(torch.randn(frames * grid_h * grid_w, row), torch.tensor([[frames, grid_h, grid_w]]))
+    assert vision_flops(Model(Manifest.load(tiny_graphs)), grid_h, grid_w, frames) == counter.get_total_flops()
