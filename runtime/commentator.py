@@ -28,6 +28,10 @@ class StreamConfig:
     timestamps: bool = False  # also write Qwen3-VL's own "<t seconds>" before each chunk's vision tokens
     static: bool = False  # fixed-shape sessions and a device-resident cache (MIGraphX needs this)
     cache_capacity: int | None = None  # slots; default derived from the windows and the frame size
+    # Questions asked mid-stream: each is cut to question_tokens (0: none expected; the capacity leaves no room
+    # for them) and its chunk's reply, the answer, may run to answer_max_new_tokens.
+    question_tokens: int = 0
+    answer_max_new_tokens: int = 64
 
 
 @dataclass
@@ -40,6 +44,7 @@ class Reply:
     cache_tokens: int  # retained context after this chunk
     seconds: dict[str, float]  # time per stage
     logits: np.ndarray  # [V] after the prefill: what the first reply token is chosen from
+    question: str | None = None  # asked in this chunk's user turn: the reply is its answer
 
 
 class Commentator:
@@ -62,13 +67,17 @@ class Commentator:
         s, p = self.config.settings, self.prompter
         fixed = len(p.head()) + len(p.previous_close()) + len(p.encode(self.config.query))
         fixed += max(len(p.previous()), s.text_sink + s.text_window)
-        answer = len(p.open()) + self.config.max_new_tokens + len(p.close())
-        bound = s.capacity(fixed, tokens_per_chunk, SHELL_TOKENS, answer)
+        c = self.config
+        reply = max(c.max_new_tokens, c.answer_max_new_tokens if c.question_tokens else 0)
+        answer, turn = len(p.open()) + reply + len(p.close()), SHELL_TOKENS + c.question_tokens
+        bound = s.capacity(fixed, tokens_per_chunk, turn, answer)
         if self.config.static:
             return bound
-        return min(bound, fixed + 64 * (tokens_per_chunk + SHELL_TOKENS + self.config.max_new_tokens))
+        return min(bound, fixed + 64 * (tokens_per_chunk + turn + reply))
 
-    def step(self, chunk: Chunk) -> Reply:
+    def step(self, chunk: Chunk, question: str | None = None) -> Reply:
+        """One chunk; `question` (a user's, asked since the last chunk) joins this chunk's user turn and the reply
+        answers it."""
         seconds, t = {}, time.perf_counter()
         patches = patchify(chunk.frames, self.prep["patch_size"], self.prep["temporal_patch_size"],
                            self.prep["merge_size"], self.prep["image_mean"], self.prep["image_std"],
@@ -85,19 +94,23 @@ class Commentator:
             capacity = self.config.cache_capacity or self.capacity(vision_tokens)
             self.engine = (StaticEngine(self.model, capacity, prefill=vision_tokens + SHELL_TOKENS)
                            if self.config.static else HostEngine(self.model, capacity, self.rope))
-        self._evict_and_add(chunk, len(patches), grid)
+        asked = None
+        if question is not None:
+            asked = self.prompter.encode(question)[:self.config.question_tokens or None]
+        self._evict_and_add(chunk, len(patches), grid, asked)
         logits = self._prefill(vision_embeds, vision_deepstack)
         seconds["prefill"], t = time.perf_counter() - t, time.perf_counter()
-        tokens = self._decode(logits)
+        tokens = self._decode(logits, self.config.answer_max_new_tokens if asked is not None else
+                              self.config.max_new_tokens)
         seconds["decode"] = time.perf_counter() - t
         self.chunks += 1
         return Reply(chunk.index, chunk.start, chunk.end, tokens, self.prompter.decode(tokens),
-                     len(self.context.tokens()), seconds, logits)
+                     len(self.context.tokens()), seconds, logits, question)
 
     def _segment(self, tokens: np.ndarray, kind: str = "text", grid=None) -> Segment:
         return Segment(tokens, self.engine.pool.allocate(len(tokens)), grid, kind)
 
-    def _evict_and_add(self, chunk: Chunk, patches: int, grid: tuple[int, int]) -> None:
+    def _evict_and_add(self, chunk: Chunk, patches: int, grid: tuple[int, int], question: np.ndarray | None) -> None:
         ctx, prompter, index = self.context, self.prompter, self.chunks
         for slots in ctx.evict(index):
             self.engine.pool.free(slots)
@@ -109,7 +122,7 @@ class Commentator:
             ctx.rounds[-1].close = self._segment(prompter.close())
         user = [self._segment(ids, kind, grid if patch else None)
                 for kind, ids, patch in prompter.user_turn(chunk.start, chunk.end, grid[0] * grid[1], patches,
-                                                           index == 0)]
+                                                           index == 0, question)]
         ctx.rounds.append(Round(index, user, self._segment(prompter.open())))
 
     def _prefill(self, vision_embeds: np.ndarray, vision_deepstack: np.ndarray) -> np.ndarray:
@@ -128,7 +141,7 @@ class Commentator:
         self._next_position = int(positions[0, -1]) + 1
         return engine.run(embeds, deepstack, positions, slots)
 
-    def _decode(self, logits: np.ndarray) -> list[int]:
+    def _decode(self, logits: np.ndarray, max_new_tokens: int) -> list[int]:
         """Up to max_new_tokens; every token but the last is fed at once, the last (or the cap's) at the next
         prefill, so that eviction happens before it is seen, as in the reference."""
         ctx, engine, model = self.context, self.engine, self.model
@@ -136,14 +149,14 @@ class Commentator:
         reply = ctx.rounds[-1].reply = self._segment(np.zeros(0, np.int64))
         zeros = np.zeros((model.n_deepstack, 1, model.hidden), np.float32)
         tokens = []
-        for k in range(self.config.max_new_tokens):
+        for k in range(max_new_tokens):
             token = self.sampler(logits, np.concatenate([seen, tokens]).astype(np.int64))
             if token in self.stop:
                 break
             tokens.append(token)
             slot = engine.pool.allocate(1)
             reply.tokens, reply.slots = np.append(reply.tokens, token), np.append(reply.slots, slot)
-            if k == self.config.max_new_tokens - 1:
+            if k == max_new_tokens - 1:
                 break
             position = np.full((3, 1), self._next_position, np.int64)
             logits = engine.run(model.embed([token]), zeros, position, slot)

@@ -28,7 +28,7 @@ class Segment:
     slots: np.ndarray  # int64 physical cache slots, one per token
     grid: tuple[int, int] | None = None  # the video pads of one temporal patch: merged (rows, cols); None = text
     # "text"; "time" (a turn's Time= text); "vision" (a turn's vision block: its markers and pads); "query" (the
-    # user's question in chunk 0, which may be pinned)
+    # user's question in chunk 0, which may be pinned); "question" (asked mid-stream: lives with the turn's text)
     kind: str = "text"
 
     def __len__(self) -> int:
@@ -108,10 +108,11 @@ class Context:
             age = chunk - r.index
             # 1. a reply text_round chunks old moves, with its K/V, to the end of the previous text; its shell goes.
             # If the vision outlives the text, the turn's Time= text goes with it: the turn keeps only its vision.
+            # A question asked in that turn goes too: it is text of the round whose reply (its answer) just left.
             if age >= s.text_round and not r.folded:
                 freed += self._fold(r)
                 if s.window_size > s.text_round:
-                    freed += self._drop(r, "time")
+                    freed += self._drop(r, "time") + self._drop(r, "question")
             # 2. if the text outlives the vision, the turn's vision block goes at window_size; its text stays
             if age >= s.window_size and s.window_size < s.text_round:
                 freed += self._drop(r, "vision")

@@ -141,10 +141,14 @@ def live_chunks(source: str, config: LiveConfig, on_status: Callable[[Status], N
     frames = live_frames(source, config, on_status, stop)
     if config.realtime:
         frames = paced(frames, start)
-    # A picture older than two chunks (and 2 s) when the next frame arrives means an outage: leave a gap.
     yield from chunk_frames(frames, redact(source), resize, chunk_duration, frames_per_chunk, start,
                             math.inf if duration is None else start + duration, min_side, None,
-                            gap=max(2 * chunk_duration, 2.0))
+                            gap=outage(chunk_duration))
+
+
+def outage(chunk_duration: float) -> float:
+    """A picture older than two chunks (and 2 s) when the next frame arrives means an outage: leave a gap."""
+    return max(2 * chunk_duration, 2.0)
 
 
 @dataclass
@@ -162,13 +166,18 @@ class LiveEdge:
     was taken is dropped and counted. The reader's error (a VideoError) is raised where iteration reaches it.
     """
 
-    def __init__(self, make_chunks: Callable[[Callable[[Status], None], threading.Event], Iterator[Chunk]]):
+    def __init__(self, make_chunks: Callable[[Callable[[Status], None], threading.Event], Iterator[Chunk]],
+                 keep_all: bool = False, notify: Callable[[], None] = lambda: None):
+        """`keep_all`: the reader waits for each chunk to be taken instead of replacing it (a file read as fast as
+        the consumer goes, nothing dropped); `notify` is called whenever something can be taken (a server's
+        scheduler sleeps on it)."""
         self.stop = threading.Event()
         self._ready = threading.Condition()
         self._events: deque[Status] = deque()
         self._newest: Arrival | None = None
         self._dropped = 0
         self._done, self._error = False, None
+        self._keep_all, self._notify = keep_all, notify
         self._chunks = make_chunks(self._status, self.stop)
         self._thread = threading.Thread(target=self._read, name="live-edge", daemon=True)
         self._thread.start()
@@ -176,19 +185,23 @@ class LiveEdge:
     def _status(self, status: Status) -> None:
         with self._ready:
             self._events.append(status)
-            self._ready.notify()
+            self._ready.notify_all()
+        self._notify()
 
     def _read(self) -> None:
         cpu = time.thread_time()
         try:
             for chunk in self._chunks:
                 with self._ready:
+                    while self._keep_all and self._newest is not None and not self.stop.is_set():
+                        self._ready.wait(0.5)
                     if self._newest is not None:
                         self._dropped += 1
                     now = time.thread_time()
                     self._newest = Arrival(chunk, time.monotonic(), self._dropped, now - cpu)
                     cpu = now
-                    self._ready.notify()
+                    self._ready.notify_all()
+                self._notify()
                 if self.stop.is_set():
                     break
         except Exception as error:  # handed to the consumer, which turns it into a one-line error
@@ -196,23 +209,35 @@ class LiveEdge:
         finally:
             with self._ready:
                 self._done = True
-                self._ready.notify()
+                self._ready.notify_all()
+            self._notify()
+
+    def take(self, timeout: float) -> Status | Arrival | None:
+        """The next status event, else the newest chunk, waiting up to `timeout` s; None if nothing came.
+        Raises the reader's error, or StopIteration once the source has ended and everything was taken."""
+        with self._ready:
+            if not (self._events or self._newest or self._done):
+                self._ready.wait(timeout)
+            if self._events:
+                return self._events.popleft()
+            if self._newest is not None:
+                item, self._newest = self._newest, None
+                self._ready.notify_all()  # a keep_all reader may go on
+                return item
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                raise StopIteration
+            return None
 
     def __iter__(self) -> Iterator[Status | Arrival]:
         try:
             while True:
-                with self._ready:
-                    # A bounded wait keeps Ctrl-C responsive on every platform.
-                    while not (self._events or self._newest or self._done):
-                        self._ready.wait(0.5)
-                    if self._events:
-                        item = self._events.popleft()
-                    elif self._newest is not None:
-                        item, self._newest = self._newest, None
-                    elif self._error is not None:
-                        raise self._error
-                    else:
-                        return
-                yield item
+                try:
+                    item = self.take(0.5)  # a bounded wait keeps Ctrl-C responsive on every platform
+                except StopIteration:
+                    return
+                if item is not None:
+                    yield item
         finally:
             self.stop.set()

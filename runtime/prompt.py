@@ -37,11 +37,12 @@ class Prompter:
     def previous_close(self) -> np.ndarray:
         return self.encode("<|im_end|>\n")
 
-    def user_turn(self, start: float, end: float, tokens_per_patch: int, patches: int, first: bool):
+    def user_turn(self, start: float, end: float, tokens_per_patch: int, patches: int, first: bool,
+                  question: np.ndarray | None = None):
         """[(kind, ids, is_patch)] of the user turn, `<|im_start|>user\\nTime=a-bs<|vision_start|>`, the video pads,
-        `<|vision_end|>[query]<|im_end|>\\n`, cut where eviction cuts: the Time= text ("time"), the vision block
-        ("vision": its markers, and one entry of video pads per temporal patch) and the query. The tokenizer never
-        merges across these cuts (tested)."""
+        `<|vision_end|>[query][question]<|im_end|>\\n`, cut where eviction cuts: the Time= text ("time"), the vision
+        block ("vision": its markers, and one entry of video pads per temporal patch), the query and a question
+        asked mid-stream (`question`: its token ids). The tokenizer never merges across these cuts (tested)."""
         stamp = f"<{(start + end) / 2:.1f} seconds>" if self.timestamps else ""
         pieces = [("text", self.encode("<|im_start|>user\n"), False),
                   ("time", self.encode(f"Time={start:.1f}-{end:.1f}s{stamp}"), False),
@@ -50,6 +51,8 @@ class Prompter:
         pieces.append(("vision", self.encode("<|vision_end|>"), False))
         if first and self.query:
             pieces.append(("query", self.encode(self.query), False))
+        if question is not None and len(question):
+            pieces.append(("question", question, False))
         pieces.append(("text", self.encode("<|im_end|>\n"), False))
         return pieces
 

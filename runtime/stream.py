@@ -10,7 +10,9 @@ import argparse
 import json
 import signal
 import sys
+import threading
 import time
+from collections import deque
 from pathlib import Path
 
 from .context import Settings
@@ -27,8 +29,7 @@ from .video import VideoError, read_chunks
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m runtime.stream", description="Live commentary for a video.")
     p.add_argument("video", help="a file, a URL, - (stdin), pipe:N or /dev/videoN")
-    p.add_argument("--graphs", help="an export folder or its name under graphs/ (default: the only export there)")
-    p.add_argument("--provider", default="auto", help="auto, migraphx, cuda or cpu (default auto)")
+    add_model_args(p)
     p.add_argument("--out", help="subtitle file, or - for stdout (default commentary.vtt)")
     p.add_argument("--format", choices=FORMATS, help="default: from the --out extension")
     p.add_argument("--query", default="Commentate on this match")
@@ -48,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-window", type=int, default=512)
     p.add_argument("--keep-query", action="store_true", help="pin the query instead of forgetting it")
     p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--questions", metavar="FILE",
+                   help="questions, one per line, read while streaming (- for stdin): each joins the next chunk")
+    p.add_argument("--answer-max-new-tokens", type=int, default=64, help="token budget of an answer (64)")
     p.add_argument("--temperature", type=float, default=0.9, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -55,6 +59,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int)
     p.add_argument("--start", type=float, default=0.0, help="seconds into the video")
     p.add_argument("--duration", type=float, help="seconds to stream")
+    p.add_argument("--realtime", action="store_true",
+                   help="read a file as if it were live: paced by the wall clock, newest chunk first")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to open or read a network source (5)")
+    p.add_argument("--reconnect", type=int, metavar="N",
+                   help="reopen attempts after a live source fails (default: forever; files and pipes: never)")
+    p.add_argument("--stats", help="write per-chunk timings as JSON lines to this file")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Where the graphs are and how they run: shared with the server (runtime/serve.py)."""
+    p.add_argument("--graphs", help="an export folder or its name under graphs/ (default: the only export there)")
+    p.add_argument("--provider", default="auto", help="auto, migraphx, cuda or cpu (default auto)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
     p.add_argument("--static", action=argparse.BooleanOptionalAction, default=None,
                    help="fixed-shape sessions and a device-resident KV cache (default: on for GPU providers)")
@@ -66,14 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--exhaustive-tune", action="store_true", help="MIGraphX exhaustive tuning (slow first start)")
     p.add_argument("--provider-option", action="append", default=[], metavar="KEY=VALUE",
                    help="any other option of the provider, e.g. migraphx_mem_limit=8000000000")
-    p.add_argument("--realtime", action="store_true",
-                   help="read a file as if it were live: paced by the wall clock, newest chunk first")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to open or read a network source (5)")
-    p.add_argument("--reconnect", type=int, metavar="N",
-                   help="reopen attempts after a live source fails (default: forever; files and pipes: never)")
-    p.add_argument("--stats", help="write per-chunk timings as JSON lines to this file")
-    p.add_argument("--quiet", action="store_true")
-    return p.parse_args(argv)
+
+
+QUESTION_TOKENS = 64  # a question is cut to this many tokens; the static cache reserves room for one per turn
 
 
 class UsageError(Exception):
@@ -90,14 +103,16 @@ def find_graphs(given: str | None) -> Path:
     return found[0]
 
 
-def config_from(args):
+def config_from(args, questions: bool = False):
+    """The stream's settings from parsed arguments; `questions`: leave room for questions asked mid-stream."""
     from .commentator import StreamConfig
 
     for name in ("fps", "chunk_duration"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
-    if args.text_round < 2 or args.window_size < 1 or args.max_new_tokens < 1:
-        raise UsageError("--text-round must be >= 2, --window-size and --max-new-tokens >= 1")
+    if args.text_round < 2 or args.window_size < 1 or min(args.max_new_tokens, args.answer_max_new_tokens) < 1:
+        raise UsageError("--text-round must be >= 2, --window-size, --max-new-tokens and --answer-max-new-tokens "
+                         ">= 1")
     if min(args.text_sink, args.text_window, args.top_k, args.temperature) < 0 or args.repetition_penalty <= 0:
         raise UsageError("--text-sink, --text-window, --top-k and --temperature must be >= 0, "
                          "--repetition-penalty > 0")
@@ -108,7 +123,8 @@ def config_from(args):
     settings = Settings(args.window_size, args.text_round, args.text_sink, args.text_window, args.keep_query)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     return StreamConfig(settings, sampling, args.max_new_tokens, args.query, args.previous_text, args.system,
-                        args.timestamps, bool(args.static), args.cache_capacity)
+                        args.timestamps, bool(args.static), args.cache_capacity,
+                        QUESTION_TOKENS if questions else 0, args.answer_max_new_tokens)
 
 
 def session_setup(args) -> tuple[list[str], dict]:
@@ -126,16 +142,62 @@ def session_setup(args) -> tuple[list[str], dict]:
     return providers, options
 
 
+def chunking(args, manifest: Manifest) -> dict:
+    """How the frames of `args.video` become chunks (keyword arguments of read_chunks and live_chunks)."""
+    prep = manifest["preprocess"]
+    factor = prep["patch_size"] * prep["merge_size"]
+
+    def resize(height: int, width: int) -> tuple[int, int]:
+        try:
+            return smart_resize(height, width, factor, prep["min_pixels"], args.max_pixels or prep["max_pixels"])
+        except ValueError as error:  # e.g. an aspect ratio over 200
+            raise VideoError(f"{redact(args.video)}: {error}") from None
+
+    return dict(resize=resize, chunk_duration=args.chunk_duration,
+                frames_per_chunk=max(1, round(args.fps * args.chunk_duration)), start=args.start,
+                duration=args.duration, min_side=prep["patch_size"])
+
+
+def is_live(args) -> bool:
+    """Read at the live edge (newest chunk first, drops counted): everything but a file without --realtime."""
+    return kind(args.video) != "file" or args.realtime
+
+
+def live_edge(args, manifest: Manifest, **options) -> LiveEdge:
+    """The source of `args` read in its own thread (`options`: LiveEdge's keep_all and notify)."""
+    config = LiveConfig(args.timeout, args.reconnect, args.realtime)
+    return LiveEdge(lambda on_status, stop: live_chunks(args.video, config, on_status, stop,
+                                                        **chunking(args, manifest)), **options)
+
+
+class Questions:
+    """Questions read from a file or stdin in a thread while the stream runs, one per line; `take` hands out the
+    oldest unasked one (each chunk takes at most one)."""
+
+    def __init__(self, path: str):
+        self._file = sys.stdin if path == "-" else open(path, encoding="utf-8")
+        self._pending: deque[str] = deque()
+        threading.Thread(target=self._read, name="questions", daemon=True).start()
+
+    def _read(self) -> None:
+        with self._file:
+            for line in self._file:
+                if line.strip():
+                    self._pending.append(line.strip())
+
+    def take(self) -> str | None:
+        return self._pending.popleft() if self._pending else None
+
+
 def run(args) -> int:
     from .commentator import Commentator
     from .model import Model
 
     manifest = Manifest.load(find_graphs(args.graphs))
     providers, options = session_setup(args)
-    config = config_from(args)
-    prep = manifest["preprocess"]
-    factor = prep["patch_size"] * prep["merge_size"]
-    frames_per_chunk = max(1, round(args.fps * args.chunk_duration))
+    if args.questions == "-" and args.video == "-":
+        raise UsageError("stdin cannot carry both the video and the questions; pass --questions FILE")
+    config = config_from(args, questions=bool(args.questions))
     out = args.out or "commentary.vtt"
     try:
         fmt = format_for(out, args.format)
@@ -146,21 +208,13 @@ def run(args) -> int:
     log(f"graphs {manifest.root} ({manifest['name']}, {manifest['dtype']}), "
         f"{'static shapes, device-resident cache' if config.static else 'dynamic shapes'} on {providers[0]}")
 
-    def resize(height: int, width: int) -> tuple[int, int]:
-        try:
-            return smart_resize(height, width, factor, prep["min_pixels"], args.max_pixels or prep["max_pixels"])
-        except ValueError as error:  # e.g. an aspect ratio over 200
-            raise VideoError(f"{redact(args.video)}: {error}") from None
-
     commentator = Commentator(model, config)
-    chunking = dict(resize=resize, chunk_duration=args.chunk_duration, frames_per_chunk=frames_per_chunk,
-                    start=args.start, duration=args.duration, min_side=prep["patch_size"])
-    live = kind(args.video) != "file" or args.realtime
+    live = is_live(args)
     if live:  # decoding runs in its own thread; the commentator takes the newest chunk
-        live_config = LiveConfig(args.timeout, args.reconnect, args.realtime)
-        items = LiveEdge(lambda on_status, stop: live_chunks(args.video, live_config, on_status, stop, **chunking))
+        items = live_edge(args, manifest)
     else:  # a file, every chunk, as fast as possible
-        items = (Arrival(chunk, 0.0, 0, 0.0) for chunk in read_chunks(args.video, **chunking))
+        items = (Arrival(chunk, 0.0, 0, 0.0) for chunk in read_chunks(args.video, **chunking(args, manifest)))
+    questions = Questions(args.questions) if args.questions else None
     began, stats, processed = time.perf_counter(), None, 0
     with CueWriter(out, fmt) as writer:
         try:
@@ -172,20 +226,25 @@ def run(args) -> int:
                     writer.status({"status": item.event, "source": item.source, **item.detail})
                     continue
                 waited = time.perf_counter() - wait
-                reply = commentator.step(item.chunk)
+                question = questions.take() if questions else None
+                reply = commentator.step(item.chunk, question)
                 processed += 1
                 if processed == 1:  # sessions exist now: say where each graph runs
                     log(", ".join(f"{name} on {s.get_providers()[0]}" for name, s in model.sessions.items()))
                 text = clean_text(reply.text)
+                if question is not None:
+                    log(f"[{_clock(reply.start)}] Q: {question!r}")
                 if live:
                     lag = time.monotonic() - item.arrived  # from the chunk's last frame to its cue
-                    writer.write(reply.start, reply.end, reply.text, {"lag": round(lag, 3), "dropped": item.dropped})
+                    writer.write(reply.start, reply.end, reply.text, {"lag": round(lag, 3), "dropped": item.dropped},
+                                 question=question)
                     log(f"[{_clock(reply.start)}] {text!r}  (lag {lag:.2f} s, {item.dropped} dropped, "
                         f"{processed} chunks, cache {reply.cache_tokens} tokens)")
                     record = {"lag": lag, "dropped": item.dropped,
                               "seconds": {"decode_video": item.decode_seconds, "wait": waited, **reply.seconds}}
                 else:
-                    writer.write(reply.start, reply.end, reply.text)  # the writer strips the trained " ..."
+                    # the writer strips the trained " ..."
+                    writer.write(reply.start, reply.end, reply.text, question=question)
                     elapsed = time.perf_counter() - began
                     video_seconds = reply.end - args.start
                     log(f"[{_clock(reply.start)}] {text!r}  ({reply.index + 1} chunks, "

@@ -88,9 +88,11 @@ class CueWriter:
         if self.fmt == "vtt":
             self._emit("WEBVTT\n\n")  # a player can open the file before the first cue arrives
 
-    def write(self, start: float, end: float, text: str, extra: dict | None = None) -> None:
+    def write(self, start: float, end: float, text: str, extra: dict | None = None,
+              question: str | None = None) -> None:
         """One chunk from `start` to `end` seconds with the model's raw text (cleaned here); `extra` fields
-        (a live stream's lag and drop count) go into JSON lines only."""
+        (a live stream's lag and drop count) go into JSON lines only. A chunk that answers a `question` shows it
+        on a line of its own before the answer ("Q: ..."); JSON lines give it its own field."""
         start_ms, end_ms = _milliseconds(start), _milliseconds(end)
         if start_ms < self._end_ms or end_ms <= start_ms:
             raise ValueError(f"cue {start:.3f}-{end:.3f} s must end after it starts and start at or after "
@@ -100,9 +102,11 @@ class CueWriter:
         if self.fmt == "jsonl":
             # One object per chunk, silent ones included, so a consumer sees every second of the stream.
             cue = {"start": start_ms / 1000, "end": end_ms / 1000, "text": text, **(extra or {})}
+            if question is not None:
+                cue["question"] = question
             self._emit(json.dumps(cue, ensure_ascii=False) + "\n")
             return
-        text = _cue_lines(text)
+        text = _cue_lines(text if question is None else f"Q: {question}\n{text}")
         if not text:
             return  # a silent chunk shows nothing on screen
         if self.fmt == "vtt":
