@@ -98,6 +98,7 @@ class Server:
         app.router.add_post("/v1/uploads", self.upload)
         app.router.add_get("/v1/streams/{id}", self.get)
         app.router.add_delete("/v1/streams/{id}", self.delete)
+        app.router.add_post("/v1/streams/{id}/stop", self.stop)
         app.router.add_get("/v1/streams/{id}/events", self.events)
         app.router.add_get("/v1/streams/{id}/commentary.{fmt}", self.download)
         app.router.add_post("/v1/streams/{id}/questions", self.question)
@@ -153,6 +154,11 @@ class Server:
         stream = self.find(request)
         self.scheduler.delete(stream.id)
         return web.json_response({"id": stream.id, "deleted": True})
+
+    async def stop(self, request):
+        stream = self.find(request)
+        self.scheduler.stop(stream)
+        return web.json_response({"id": stream.id, "stopped": True})
 
     async def create(self, request):
         body = await json_body(request)
@@ -375,7 +381,8 @@ class Server:
 
 
 def fail(kind: type, message: str, headers: dict | None = None) -> web.HTTPException:
-    return kind(text=json.dumps({"error": message}), content_type="application/json", headers=headers)
+    size = (0,) if kind is web.HTTPRequestEntityTooLarge else ()  # its one required argument; the text says it
+    return kind(*size, text=json.dumps({"error": message}), content_type="application/json", headers=headers)
 
 
 def error_event(code: str, message: str) -> dict:

@@ -163,7 +163,8 @@ class Stream:
 
     def _set_state(self, state: str, error: str | None = None) -> None:
         self.state, self.error = state, error
-        self.publish("status", {"status": state, **({"error": error} if error else {})})
+        # "state" (the stream's) where a source's own status events say "status" (connected, reconnecting, ...)
+        self.publish("status", {"state": state, **({"error": error} if error else {})})
 
     def finish(self, state: str, error: str | None = None) -> None:
         if self.finished:
@@ -187,6 +188,7 @@ class Scheduler:
         self.streams: dict[str, Stream] = {}  # every stream not yet deleted, finished ones too (their files stay)
         self._lock = threading.Lock()
         self._retiring: list[Stream] = []
+        self._stopping: list[Stream] = []
         self.wake = threading.Event()
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
@@ -209,8 +211,15 @@ class Scheduler:
         with self._lock:
             return list(self.streams.values())
 
+    def stop(self, stream: Stream) -> None:
+        """End the stream before its next pass; its subtitles stay until it is deleted."""
+        with self._lock:
+            self._stopping.append(stream)
+        stream.edge.stop.set()
+        self.wake.set()
+
     def delete(self, id: str) -> Stream | None:
-        """Forget the stream; the worker stops it before its next pass and removes its files."""
+        """Forget the stream; the worker ends it before its next pass and removes its files."""
         with self._lock:
             stream = self.streams.pop(id, None)
             if stream is not None:
@@ -221,8 +230,12 @@ class Scheduler:
         return stream
 
     def _retire(self) -> None:
+        """Stopped and deleted streams end here, on the worker's thread, between two steps."""
         with self._lock:
+            stopping, self._stopping = self._stopping, []
             retiring, self._retiring = self._retiring, []
+        for stream in stopping:
+            stream.finish("stopped")
         for stream in retiring:
             stream.finish("deleted")
             stream.remove_files()
