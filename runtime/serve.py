@@ -219,18 +219,19 @@ class Server:
 
     async def upload(self, request):
         limit = self.args.max_upload * 1024 * 1024
+        too_large = fail(web.HTTPRequestEntityTooLarge, f"uploads are limited to {self.args.max_upload} MB "
+                         "(--max-upload)")
         if (request.content_length or 0) > limit:
-            raise fail(web.HTTPRequestEntityTooLarge, f"uploads are limited to {self.args.max_upload} MB (--max-upload)")
+            raise too_large
         id = secrets.token_hex(8)
         path, size = self.data_dir / "uploads" / id, 0
         with open(path, "wb") as out:
             async for piece in request.content.iter_chunked(1 << 16):
                 size += len(piece)
-                if size > limit:
+                if size > limit:  # a body without a length, or one longer than it said
                     out.close()
                     path.unlink()
-                    raise fail(web.HTTPRequestEntityTooLarge,
-                               f"uploads are limited to {self.args.max_upload} MB (--max-upload)")
+                    raise too_large
                 out.write(piece)
         return web.json_response({"source": f"upload:{id}", "bytes": size}, status=201)
 
@@ -390,9 +391,7 @@ def error_event(code: str, message: str) -> dict:
 
 
 async def json_body(request) -> dict:
-    if (request.content_length or 0) > request.app._client_max_size:
-        raise fail(web.HTTPRequestEntityTooLarge, f"request bodies are limited to {request.app._client_max_size} "
-                   "bytes (--max-body)")
+    """The request's JSON object; the app's client_max_size (--max-body) bounds what is read."""
     try:
         body = await request.json()
     except web.HTTPRequestEntityTooLarge:

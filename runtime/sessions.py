@@ -255,8 +255,9 @@ class Scheduler:
                 self.wake.wait(0.2)
 
     def close(self) -> None:
+        """Stop every stream and the worker; the files stay (the server removes a temporary data folder)."""
         for stream in self.all():
-            self.delete(stream.id)
+            self.stop(stream)
         self._closing.set()
         self.wake.set()
         self._thread.join(timeout=30)

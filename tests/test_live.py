@@ -53,9 +53,10 @@ def _in_process(argv: list[str], monkeypatch, step_seconds: float | None = None)
     if step_seconds is not None:
         step = Commentator.step
 
-        def slow_step(self, chunk):  # deterministic: a commentator that needs exactly step_seconds per chunk
+        # deterministic: a commentator that needs exactly step_seconds per chunk
+        def slow_step(self, chunk, question=None):
             began = time.monotonic()
-            reply = step(self, chunk)
+            reply = step(self, chunk, question)
             time.sleep(max(0.0, began + step_seconds - time.monotonic()))
             return reply
 

@@ -58,10 +58,17 @@ def test_a_file_stream_end_to_end_behind_the_token(tiny_graphs, tmp_path):
                 assert response.status == 200
             async with session.get(f"{base}/commentary.vtt") as response:
                 assert response.status == 404
-        return events, downloads, info
+            async with session.post(f"{server.url}/v1/uploads", data=clip.read_bytes()) as response:
+                upload = await response.json()  # what the page does with a file it plays beside the cues
+            async with session.post(f"{server.url}/v1/uploads", data=b"\0" * (1 << 20) + b"\0") as response:
+                assert response.status == 413 and "--max-upload" in (await response.json())["error"]
+            uploaded = await create(session, server, upload["source"], max_new_tokens=4, seed=1)
+            from_upload = await sse(session, f"{server.url}/v1/streams/{uploaded['id']}/events")
+        return events, downloads, info, from_upload
 
-    with Server(tiny_graphs, "--token", TOKEN, data_dir=tmp_path / "data") as server:
-        events, downloads, info = run(body(server))
+    with Server(tiny_graphs, "--token", TOKEN, "--max-upload", "1", data_dir=tmp_path / "data") as server:
+        events, downloads, info, from_upload = run(body(server))
+    assert from_upload == events
     expected = [json.loads(line) for line in cli_out.read_text().splitlines()]
     assert [data for kind, data in events if kind == "status"] == [{"state": "running"}, {"state": "ended"}]
     assert [data for kind, data in events if kind == "cue"] == expected  # a JSON line of the CLI per cue
@@ -70,7 +77,7 @@ def test_a_file_stream_end_to_end_behind_the_token(tiny_graphs, tmp_path):
     assert parse_vtt(downloads["vtt"]) == shown and parse_srt(downloads["srt"]) == shown
     assert info["state"] == "ended" and info["cues"] == 4 and info["cache_tokens"] > 0
     assert {"vision", "prefill", "decode"} <= set(info["seconds"]) and info["real_time_factor"] > 0
-    assert not list((tmp_path / "data").glob("*/commentary.vtt"))  # deleted with its stream
+    assert len(list((tmp_path / "data").glob("*/commentary.vtt"))) == 1  # the first went with its stream
 
 
 def test_a_live_source_answers_questions_over_http_and_the_socket(tiny_graphs, tmp_path):
