@@ -182,35 +182,40 @@ class Server:
         except cli.UsageError as error:
             raise fail(web.HTTPBadRequest, str(error)) from None
         folder = self.data_dir / secrets.token_hex(8)
-        id = folder.name
         if what == "upload":
             upload = self.data_dir / "uploads" / source.partition(":")[2]
             if not source.partition(":")[2].isalnum() or not upload.is_file():
                 raise fail(web.HTTPBadRequest, f"no upload {source!r}; POST the file to /v1/uploads first")
         elif what == "file" and not Path(source).is_file():
             raise fail(web.HTTPBadRequest, f"{source}: no such file on the server")
-        # The tokenizer loads from disk: off the event loop. Nothing awaits between the limit check and the add.
+        self._room()
+        # The tokenizer loads from disk: off the event loop. Nothing awaits between the last check and the add.
         commentator = await asyncio.get_running_loop().run_in_executor(None, Commentator, self.model, config)
-        if self.scheduler.active() >= self.max_streams:
-            raise fail(web.HTTPServiceUnavailable, f"the server is busy: {self.max_streams} stream(s) at once "
-                       "(--max-streams); delete one or try later", {"Retry-After": "5"})
+        self._room()
         folder.mkdir()
         if what == "upload":
             args.video = str(shutil.move(upload, folder / "upload"))
         pushed = PushedFrames() if what == "push" else None
-        notify = self.scheduler.wake.set
-        if pushed is not None:  # frames come over the socket, at the live edge
-            chunking = cli.chunking(args, self.manifest)
-            edge = LiveEdge(lambda on_status, stop: chunk_frames(
-                pushed.frames(stop), "push", chunking["resize"], args.chunk_duration, chunking["frames_per_chunk"],
-                0.0, math.inf, chunking["min_side"], None, gap=outage(args.chunk_duration)), notify=notify)
-        else:
-            edge = cli.live_edge(args, self.manifest, keep_all=not cli.is_live(args), notify=notify)
-        stream = Stream(id, redact(source), commentator, edge, folder, pushed is not None or cli.is_live(args),
-                        pushed)
+        stream = Stream(folder.name, redact(source), commentator, self._edge(args, pushed), folder,
+                        pushed is not None or cli.is_live(args), pushed)
         self._forget_old()
         self.scheduler.add(stream)
         return web.json_response(stream.info(), status=201)
+
+    def _room(self) -> None:
+        if self.scheduler.active() >= self.max_streams:
+            raise fail(web.HTTPServiceUnavailable, f"the server is busy: {self.max_streams} stream(s) at once "
+                       "(--max-streams); delete one or try later", {"Retry-After": "5"})
+
+    def _edge(self, args, pushed: PushedFrames | None) -> LiveEdge:
+        """The stream's source, read in its own thread; it wakes the scheduler whenever a chunk is ready."""
+        notify = self.scheduler.wake.set
+        if pushed is None:  # a file is read as fast as the turns allow, every chunk, unless realtime
+            return cli.live_edge(args, self.manifest, keep_all=not cli.is_live(args), notify=notify)
+        chunking = cli.chunking(args, self.manifest)  # frames come over the socket, at the live edge
+        return LiveEdge(lambda on_status, stop: chunk_frames(
+            pushed.frames(stop), "push", chunking["resize"], args.chunk_duration, chunking["frames_per_chunk"], 0.0,
+            math.inf, chunking["min_side"], None, gap=outage(args.chunk_duration)), notify=notify)
 
     def _forget_old(self) -> None:
         finished = sorted((s for s in self.scheduler.all() if s.finished), key=lambda s: s.created)
