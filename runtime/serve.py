@@ -433,12 +433,13 @@ def measured_max_streams(model, manifest: Manifest, args) -> int:
 async def serve(args) -> None:
     from .model import Model
 
+    if args.max_streams is not None and args.max_streams < 1 or min(args.max_body, args.max_upload,
+                                                                     args.max_frame) < 1:
+        raise cli.UsageError("--max-streams, --max-body, --max-upload and --max-frame must be >= 1")
     manifest = Manifest.load(cli.find_graphs(args.graphs))
     providers, options = cli.session_setup(args)
     model = Model(manifest, providers, args.threads, options)
     max_streams = args.max_streams or measured_max_streams(model, manifest, args)
-    if max_streams < 1:
-        raise cli.UsageError("--max-streams must be >= 1")
     temporary = args.data_dir is None
     data_dir = Path(tempfile.mkdtemp(prefix="qwen3vl-serve-") if temporary else args.data_dir)
     server = Server(args, manifest, model, max_streams, data_dir)

@@ -221,3 +221,15 @@ def test_the_cli_reads_questions_while_streaming(tiny_graphs, tmp_path):
     assert len(cues) == 4 and [c["question"] for c in cues if "question" in c] == ["what just happened?",
                                                                                       "who scored?"]
     assert stream.main(["-", "--graphs", str(tiny_graphs), "--out", "-", "--questions", "-"]) == 1
+
+
+def test_sources_a_client_may_open():
+    from runtime.serve import allowed_sources, parse_args, source_kind
+
+    assert [source_kind(s) for s in ("rtsp://u:p@cam/live", "HTTPS://x/a.m3u8", "/data/match.mp4", "/dev/video0",
+                                     "-", "pipe:3", "upload:ab12", "push")] == \
+        ["rtsp", "https", "file", "device", "pipe", "pipe", "upload", "push"]
+    local, exposed = allowed_sources(parse_args([])), allowed_sources(parse_args(["--host", "0.0.0.0"]))
+    assert {"rtsp", "http", "file", "device", "upload", "push"} <= local and "pipe" not in local
+    assert local - exposed == {"file", "device"}  # beyond localhost a client may not read the server's files
+    assert allowed_sources(parse_args(["--allow-sources", "rtsp, file"])) == {"rtsp", "file"}
