@@ -30,7 +30,8 @@ ACTIVE = ("starting", "running")
 @dataclass
 class Event:
     id: int
-    type: str  # "cue", "answer", "status", "conversation.item.created" (a question), "input_frame.dropped", "error"
+    # "cue", "answer", "status", "dropped" (chunks skipped), "conversation.item.created" (a question), "error"
+    type: str
     data: dict
 
 
@@ -142,6 +143,10 @@ class Stream:
         if self.state == "starting":
             self._set_state("running")
             self.began, self.first_start = time.perf_counter(), item.chunk.start
+        if item.dropped > self.dropped:  # chunks that completed while this stream was busy: say so at once
+            self.publish("dropped", {"chunks": item.dropped - self.dropped, "dropped": item.dropped,
+                                     "before": round(item.chunk.start, 3)})
+            self.dropped = item.dropped
         question = self.questions.popleft() if self.questions else None
         reply = self.commentator.step(item.chunk, question.text if question else None)
         extra = {}
@@ -149,7 +154,6 @@ class Stream:
             lag = time.monotonic() - item.arrived
             self.lags.append(lag)
             extra = {"lag": round(lag, 3), "dropped": item.dropped}
-            self.dropped = item.dropped
         for writer in self.writers.values():
             writer.write(reply.start, reply.end, reply.text, extra, question=question and question.text)
         self.media_time, self.cache_tokens, self.seconds = reply.end, reply.cache_tokens, reply.seconds

@@ -176,6 +176,9 @@ def test_limits_and_misbehaving_clients_leave_the_other_stream_alone(tiny_graphs
     # The other stream went on: every chunk commented or counted as dropped (a busy worker may skip one), none lost
     cues = [data for kind, data in events if kind == "cue"]
     assert [c["start"] - k for k, c in enumerate(cues)] == [c["dropped"] for c in cues] and cues[-1]["start"] == 5
+    skipped = [data for kind, data in events if kind == "dropped"]  # each skip said when it happened
+    assert sum(d["chunks"] for d in skipped) == cues[-1]["dropped"]
+    assert all(d["before"] in [c["start"] for c in cues] for d in skipped)
     assert len(cues) >= 4 and events[-1] == ("status", {"state": "ended"}) and "error" not in dict(events)
 
 
@@ -233,3 +236,50 @@ def test_sources_a_client_may_open():
     assert {"rtsp", "http", "file", "device", "upload", "push"} <= local and "pipe" not in local
     assert local - exposed == {"file", "device"}  # beyond localhost a client may not read the server's files
     assert allowed_sources(parse_args(["--allow-sources", "rtsp, file"])) == {"rtsp", "file"}
+
+
+def test_a_stream_says_when_it_skipped_chunks_and_answers_in_turn(tmp_path):
+    """Stream.step on a scripted source and commentator: skipped chunks are an event before the next cue, a
+    question is answered by the next chunk, the end is a state change, and the subtitles hold everything."""
+    import threading
+
+    from runtime.commentator import Reply
+    from runtime.live import Arrival, Status
+    from runtime.sessions import Stream
+    from runtime.video import Chunk
+
+    class Source:
+        stop = threading.Event()
+        items = [Status("connected", "tcp://cam", {"open_seconds": 0.1})] + [
+            Arrival(Chunk(k, k, k + 1, None), 0.0, dropped, 0.0) for k, dropped in [(0, 0), (3, 2), (4, 2), (6, 3)]]
+
+        def take(self, timeout):
+            if not self.items:
+                raise StopIteration
+            return self.items.pop(0)
+
+    class Commentator:
+        def step(self, chunk, question=None):
+            text = f"answer to {question} ..." if question else f"second {chunk.index} ..."
+            return Reply(chunk.index, chunk.start, chunk.end, [], text, 10, {"decode": 0.1}, None, question)
+
+    stream = Stream("s1", "tcp://cam", Commentator(), Source(), tmp_path, live=True)
+    seen = []
+    stream.listen(lambda: seen.append(1))
+    while stream.step() or not stream.finished:
+        if stream.cues == 1 and not stream.questions and not stream.answers:
+            stream.ask("who scored?")
+    events = [(e.type, e.data) for e in stream.since(0)]
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["status", "status", "cue", "conversation.item.created", "dropped", "answer", "cue", "dropped",
+                     "cue", "status"]
+    assert [data for kind, data in events if kind == "dropped"] == [{"chunks": 2, "dropped": 2, "before": 3},
+                                                                    {"chunks": 1, "dropped": 3, "before": 6}]
+    answer = dict(events)["answer"]
+    assert answer["question"] == "who scored?" and answer["text"] == "answer to who scored?" and answer["start"] == 3
+    assert events[-1] == ("status", {"state": "ended"}) and len(seen) == len(events)
+    lines = [json.loads(line) for line in (tmp_path / "commentary.jsonl").read_text().splitlines()]
+    assert lines[0]["status"] == "connected" and [line.get("question") for line in lines[1:]] == \
+        [None, "who scored?", None, None]
+    assert "Q: who scored?\nanswer to who scored?" in (tmp_path / "commentary.srt").read_text()
+    assert stream.info()["dropped"] == 3 and stream.commentator is None  # the cache goes with the stream's end
