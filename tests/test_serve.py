@@ -283,3 +283,22 @@ def test_a_stream_says_when_it_skipped_chunks_and_answers_in_turn(tmp_path):
         [None, "who scored?", None, None]
     assert "Q: who scored?\nanswer to who scored?" in (tmp_path / "commentary.srt").read_text()
     assert stream.info()["dropped"] == 3 and stream.commentator is None  # the cache goes with the stream's end
+
+
+def test_questions_on_the_static_path_equal_the_dynamic_one(tiny_graphs, tmp_path):
+    """A chunk with a question has a longer prompt than the static prefill length: it goes in pieces, and the
+    capacity leaves room for a question per turn and answer-length replies: the greedy tokens are the same."""
+    manifest = Manifest.load(tiny_graphs)
+    prep = manifest["preprocess"]
+    factor = prep["patch_size"] * prep["merge_size"]
+    clip = write_clip(tmp_path / "clip.mp4", 8, 64, 64, 4)
+    chunks = list(read_chunks(clip, resize=lambda h, w: smart_resize(h, w, factor, prep["min_pixels"],
+                                                                      prep["max_pixels"])))
+    model, question = Model(manifest), "who scored the goal just now? " * 3
+    tokens = {}
+    for static in (False, True):
+        config = StreamConfig(Settings(4, 2, 8, 8), Sampling(temperature=0), max_new_tokens=3, static=static,
+                              question_tokens=64, answer_max_new_tokens=8)
+        commentator = Commentator(model, config)
+        tokens[static] = [commentator.step(c, question if c.index in (2, 3, 6) else None).tokens for c in chunks]
+    assert tokens[True] == tokens[False]
