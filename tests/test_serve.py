@@ -182,17 +182,22 @@ def test_limits_and_misbehaving_clients_leave_the_other_stream_alone(tiny_graphs
     assert len(cues) >= 4 and events[-1] == ("status", {"state": "ended"}) and "error" not in dict(events)
 
 
+def small_chunks(graphs, folder):
+    """The manifest and the 8 chunks of a small clip, at the sizes the graphs' preprocessing picks."""
+    manifest = Manifest.load(graphs)
+    prep = manifest["preprocess"]
+    factor = prep["patch_size"] * prep["merge_size"]
+    clip = write_clip(folder / "clip.mp4", 8, 64, 64, 4)
+    return manifest, list(read_chunks(clip, resize=lambda h, w: smart_resize(h, w, factor, prep["min_pixels"],
+                                                                             prep["max_pixels"])))
+
+
 @pytest.mark.parametrize("window_size, text_round, gone_at", [(4, 2, 4), (2, 4, 6)])
 def test_a_question_is_text_of_its_turn_and_leaves_with_it(tiny_graphs, tmp_path, window_size, text_round, gone_at):
     """A question joins its chunk's user turn after the vision block; it lives as long as the turn's text: it goes
     with the Time= text when the reply (its answer) is folded (vision window longer than the text rounds), else with
     the whole turn."""
-    manifest = Manifest.load(tiny_graphs)
-    prep = manifest["preprocess"]
-    factor = prep["patch_size"] * prep["merge_size"]
-    clip = write_clip(tmp_path / "clip.mp4", 8, 64, 64, 4)
-    chunks = list(read_chunks(clip, resize=lambda h, w: smart_resize(h, w, factor, prep["min_pixels"],
-                                                                      prep["max_pixels"])))
+    manifest, chunks = small_chunks(tiny_graphs, tmp_path)
     config = StreamConfig(Settings(window_size, text_round, 8, 8), Sampling(temperature=0), max_new_tokens=2,
                           question_tokens=4, answer_max_new_tokens=3)
     commentator = Commentator(Model(manifest), config)
@@ -288,12 +293,7 @@ def test_a_stream_says_when_it_skipped_chunks_and_answers_in_turn(tmp_path):
 def test_questions_on_the_static_path_equal_the_dynamic_one(tiny_graphs, tmp_path):
     """A chunk with a question has a longer prompt than the static prefill length: it goes in pieces, and the
     capacity leaves room for a question per turn and answer-length replies: the greedy tokens are the same."""
-    manifest = Manifest.load(tiny_graphs)
-    prep = manifest["preprocess"]
-    factor = prep["patch_size"] * prep["merge_size"]
-    clip = write_clip(tmp_path / "clip.mp4", 8, 64, 64, 4)
-    chunks = list(read_chunks(clip, resize=lambda h, w: smart_resize(h, w, factor, prep["min_pixels"],
-                                                                      prep["max_pixels"])))
+    manifest, chunks = small_chunks(tiny_graphs, tmp_path)
     model, question = Model(manifest), "who scored the goal just now? " * 3
     tokens = {}
     for static in (False, True):
