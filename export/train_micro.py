@@ -1,15 +1,15 @@
 """Train the built-in micro Qwen3-VL from scratch on the synthetic world: `make train-micro`.
 
-python -m export.train_micro [--out export/presets/micro] [--minutes 40] [--seed 0] [--threads 2]
+python -m export.train_micro [--out export/presets/micro] [--minutes 45] [--seed 0] [--threads 2]
 
 A stock `Qwen3VLForConditionalGeneration` of about a million parameters learns to say, each second, which event
 happened between the second's two frames, in conversations built and evicted by the runtime's own code. Two
 things make it learn on 2 CPU cores in well under an hour (a plain recipe lets the vision tower collapse: the
 language model learns the caption prior and the loss with shuffled videos equals the real loss):
-- a linear probe on each chunk's merged vision tokens predicts the event, colour and shape (training only; it
-  is not part of the saved model), so the vision tower must carry them;
+- a linear probe on each chunk's merged vision tokens (normalized; their mean and max) predicts the event, colour
+  and shape (training only; it is not part of the saved model), so the vision tower must carry them;
 - a curriculum: one object and short conversations first, then up to four objects and contexts at any point of
-  an hour-long stream (previous text full and trimmed, turns without frames).
+  an hour-long stream (previous text full of folded replies and trimmed).
 It ends with a teacher-forced check on held-out worlds, with real and with shuffled frames: exact captions must be
 >= 90% with real frames and near chance with shuffled ones, or the run fails. World seeds >= 1,000,000 are for
 training; the tests and the demo use smaller ones.
@@ -53,12 +53,13 @@ def phase(progress: float, rng: np.random.Generator) -> dict:
     return {"max_objects": int(rng.integers(1, 5)), "last": int(last)}
 
 
-def batch(data: Conversations, rng: np.random.Generator, progress: float, token_budget: int, noise: float,
-          seeds: range | None = None) -> list[dict]:
+def batch(data: Conversations, rng: np.random.Generator, progress: float, token_budget: int,
+          noise: float) -> list[dict]:
+    """Training examples (world seeds >= TRAIN_SEEDS) until the batch holds `token_budget` tokens."""
     examples, tokens = [], 0
     while tokens < token_budget:
         spec = phase(progress, rng)
-        seed = int(rng.integers(seeds.start, seeds.stop)) if seeds else int(rng.integers(TRAIN_SEEDS, 2**62))
+        seed = int(rng.integers(TRAIN_SEEDS, 2**62))
         query = None if rng.random() < 0.1 else QUERY  # the runtime's default query, sometimes none
         example = data.example(rng, seed, spec["last"], spec["max_objects"], noise, query=query)
         examples.append(example)

@@ -113,16 +113,20 @@ def _z(first: int, last: int, n: int) -> float:
 
 
 def test_ten_minute_stream_is_right_from_first_to_last_minute(micro_graphs):
-    from runtime.accuracy import report, score, stream
+    from runtime.accuracy import paired, report, score, stream
 
     pairs = stream(str(micro_graphs), seed=11, seconds=600)
-    table = report(pairs)
+    fresh = stream(str(micro_graphs), seed=11, seconds=60, start=540)  # the same last minute, empty context
+    table = report(pairs, fresh=fresh)
     print(json.dumps(table, indent=1))
     assert table["stream"]["exact"] >= 0.90, table["stream"]
     first, last = score(pairs[:60]), score(pairs[-60:])
-    # the last minute is not worse than the first beyond binomial noise (one-sided, 1%)
+    # the last minute is not worse than the first beyond binomial noise (one-sided, 1%) ...
     assert _z(first.exact, last.exact, 60) > -2.33, table
     assert table["last_minute"]["exact"] >= 0.80, table
+    # ... nor than the same minute streamed without the 9 minutes before it (paired: same frames, same captions)
+    worse, better, p = paired(pairs[-60:], fresh)
+    assert p > 0.01, (worse, better, table)
 
 
 def test_shuffled_frames_score_near_chance(micro_graphs):
