@@ -1,6 +1,6 @@
 """Train the built-in micro Qwen3-VL from scratch on the synthetic world: `make train-micro`.
 
-python -m export.train_micro [--out export/presets/micro] [--minutes 45] [--seed 0] [--threads 2]
+python -m export.train_micro [--out export/presets/micro] [--minutes 45 | --steps N] [--seed 0] [--threads 2]
 
 A stock `Qwen3VLForConditionalGeneration` of about a million parameters learns to say, each second, which event
 happened between the second's two frames, in conversations built and evicted by the runtime's own code. Two
@@ -243,6 +243,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.train_micro", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--minutes", type=float, default=45.0, help="training time budget (the schedule fits it)")
+    parser.add_argument("--steps", type=int,
+                        help="train this many steps instead (the schedule then follows steps, not the clock, so "
+                             "a seeded run does not depend on the machine's speed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=2000, help="tokens per batch")
@@ -260,8 +263,8 @@ def main(argv=None) -> int:
     config = Qwen3VLConfig.from_json_file(str(args.out / "config.json"))
     model = Qwen3VLForConditionalGeneration(config).float().train()
     params = sum(p.numel() for p in model.parameters())
-    print(f"micro Qwen3-VL: {params:,} parameters; training for {args.minutes:g} minutes on {args.threads} threads",
-          flush=True)
+    length = f"{args.steps} steps" if args.steps else f"{args.minutes:g} minutes"
+    print(f"micro Qwen3-VL: {params:,} parameters; training for {length} on {args.threads} threads", flush=True)
     probe = Probe(config.text_config.hidden_size)
     forward = Forward(model)
     data = Conversations(args.out)
@@ -272,8 +275,8 @@ def main(argv=None) -> int:
     optimizer = torch.optim.AdamW([*model.parameters(), *probe.linear.parameters()], lr=args.lr,
                                   weight_decay=0.01, betas=(0.9, 0.98))
     budget, start, step, history = args.minutes * 60, time.time(), 0, []
-    while (elapsed := time.time() - start) < budget:
-        progress = elapsed / budget
+    while (elapsed := time.time() - start) < budget if args.steps is None else step < args.steps:
+        progress = elapsed / budget if args.steps is None else step / args.steps
         lr = args.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in optimizer.param_groups:
             group["lr"] = lr
