@@ -38,7 +38,7 @@ train-micro: setup
 # The micro model's accuracy through the ONNX runtime: a 10-minute stream, first vs last minute, shuffled control.
 micro-accuracy: setup
 	$(BIN)/python -m export --model micro
-	$(BIN)/python -m runtime.accuracy --graphs graphs/micro --seconds $(or $(SECONDS),600)
+	$(BIN)/python -m runtime.accuracy --graphs graphs/micro
 
 test: setup
 	$(BIN)/python -m pytest -q
