@@ -31,7 +31,7 @@ demo: setup
 	$(BIN)/python -m runtime.sample $(VIDEO) --world --seconds 30
 	$(BIN)/python -m runtime.stream $(VIDEO) --graphs graphs/micro --out commentary.vtt
 
-# Retrain the micro model from scratch (seeded, about 40 minutes on 2 cores); prints held-out accuracy.
+# Retrain the micro model from scratch (seeded, 45 minutes on 2 cores); prints held-out accuracy.
 train-micro: setup
 	$(BIN)/python -m export.train_micro --out export/presets/micro
 
