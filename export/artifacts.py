@@ -68,6 +68,13 @@ def _preprocess(source: Source, vision) -> dict:
     path = source.file("video_preprocessor_config.json")
     video = json.loads(path.read_text()) if path else {}
     unit = (vision.patch_size * vision.spatial_merge_size) ** 2
+    # Per-frame bounds: the checkpoint's own when its video processor declares min_pixels and max_pixels (per frame,
+    # as Qwen2-VL's video processor reads them; the built-in micro model, trained on 128x128 frames, does), else
+    # StreamingVLM's. Qwen3-VL checkpoints declare only `size` (pixels summed over a whole clip), so they get
+    # StreamingVLM's 100..768 merged tokens per frame.
+    declared = "min_pixels" in video and "max_pixels" in video
+    bounds = ((int(video["min_pixels"]), int(video["max_pixels"])) if declared
+              else (MIN_FRAME_TOKENS * unit, MAX_FRAME_TOKENS * unit))
     return {
         "fps": video.get("fps", 2),
         "patch_size": vision.patch_size, "temporal_patch_size": vision.temporal_patch_size,
@@ -75,7 +82,8 @@ def _preprocess(source: Source, vision) -> dict:
         "rescale_factor": video.get("rescale_factor", 1 / 255),
         "image_mean": video.get("image_mean", [0.5] * 3), "image_std": video.get("image_std", [0.5] * 3),
         "resample": RESAMPLE.get(video.get("resample", 3), "bicubic"),
-        "min_pixels": MIN_FRAME_TOKENS * unit, "max_pixels": MAX_FRAME_TOKENS * unit,  # per frame, StreamingVLM
+        "min_pixels": bounds[0], "max_pixels": bounds[1],  # per frame
+        "pixel_bounds": "checkpoint" if declared else "StreamingVLM",
         "checkpoint_size": video.get("size"),  # the processor's own bounds (pixels summed over frames), for reference
     }
 

@@ -1,4 +1,4 @@
-"""Where a model comes from: a named preset, a local Hugging Face folder, or a hub id.
+"""Where a model comes from: a named preset, the built-in trained micro model, a local Hugging Face folder, or a hub id.
 
 Every source resolves to a `Source`: the transformers config, a way to build the model (real or random
 weights), and the folders holding its tokenizer and preprocessing configs. The code that loads a real
@@ -14,6 +14,7 @@ from pathlib import Path
 PRESET_DIR = Path(__file__).parent / "presets"
 PRESETS = {"tiny": None, "Qwen3-VL-2B": "Qwen/Qwen3-VL-2B-Instruct", "Qwen3-VL-4B": "Qwen/Qwen3-VL-4B-Instruct",
            "Qwen3-VL-8B": "Qwen/Qwen3-VL-8B-Instruct"}  # name -> hub id of the real weights
+BUILT_IN = {"micro": PRESET_DIR / "micro"}  # name -> a trained Hugging Face folder committed with the project
 SEED = 0  # random weights are a pure function of (config, seed), so exports are reproducible
 
 
@@ -62,6 +63,8 @@ class Source:
 def resolve(model: str, random_weights: bool = False) -> Source:
     from transformers import Qwen3VLConfig
 
+    if model in BUILT_IN:
+        return _from_folder(BUILT_IN[model], model, random_weights)
     if model in PRESETS:
         config = Qwen3VLConfig.from_json_file(str(PRESET_DIR / f"{model}.json"))
         if random_weights or PRESETS[model] is None:
@@ -72,7 +75,7 @@ def resolve(model: str, random_weights: bool = False) -> Source:
         return _from_folder(path, path.resolve().name, random_weights)
     if model.count("/") == 1 and not path.exists() and not model.startswith((".", "/")):
         return _from_folder(_download(model), model.split("/")[1], random_weights)
-    raise SourceError(f"unknown model {model!r}: use one of {', '.join(PRESETS)}, a local Hugging Face folder, "
+    raise SourceError(f"unknown model {model!r}: use one of {', '.join([*BUILT_IN, *PRESETS])}, a local Hugging Face folder, "
                       "or a hub id like Qwen/Qwen3-VL-4B-Instruct")
 
 

@@ -1,10 +1,14 @@
-"""Write a synthetic test clip: `python -m runtime.sample OUT [--seconds 12] [--size 320x240] [--fps 25]`.
+"""Write a synthetic clip: `python -m runtime.sample OUT [--seconds 12] [--size 320x240] [--fps 25]`, or a clip of
+the micro model's world: `python -m runtime.sample OUT --world [--seed 7] [--seconds 30] [--objects 4]`.
 
-The picture changes every frame (drifting background, moving shapes) so that consecutive seconds differ and a
-pipeline that reuses or drops frames shows it.
+The default picture changes every frame (drifting background, moving shapes) so that consecutive seconds differ and
+a pipeline that reuses or drops frames shows it. A world clip (runtime/world.py) is 128x128 at 2 fps, one event per
+second, and comes with its true captions beside it (OUT with the suffix .truth.jsonl): what the built-in micro model
+should say.
 """
 
 import argparse
+import json
 from pathlib import Path
 
 import av
@@ -57,13 +61,44 @@ def write_clip(path: str | Path, seconds: float, width: int, height: int, fps: i
     return path
 
 
+def write_world_clip(path: str | Path, seconds: int, seed: int, max_objects: int = 4) -> tuple[Path, list]:
+    """`seconds` chunks of World(seed) at 2 fps (high-quality H.264, else MPEG-4), and the true events per second;
+    also writes them to OUT.truth.jsonl as {"start", "end", "text"} lines."""
+    from .world import World
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    codec, events = default_codec(), []
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=2)
+        stream.width = stream.height = 128
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "8"} if codec == "h264" else {"qscale": "1"}
+        for frames, event in World(seed, max_objects).chunks(seconds):
+            events.append(event)
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    with open(path.with_suffix(".truth.jsonl"), "w") as truth:
+        for second, event in enumerate(events):
+            truth.write(json.dumps({"start": float(second), "end": second + 1.0, "text": event.caption()}) + "\n")
+    return path, events
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="output video file, e.g. samples/clip.mp4")
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--size", default="320x240", help="WIDTHxHEIGHT, even numbers")
     parser.add_argument("--fps", type=int, default=25)
+    parser.add_argument("--world", action="store_true",
+                        help="a clip of the micro model's world (128x128, 2 fps; --size and --fps do not apply)")
+    parser.add_argument("--seed", type=int, default=7, help="the world's seed (--world)")
+    parser.add_argument("--objects", type=int, default=4, help="at most this many objects at once (--world)")
     args = parser.parse_args()
+    if args.world:
+        print(write_world_clip(args.out, round(args.seconds), args.seed, args.objects)[0])
+        return
     try:
         width, height = (int(side) for side in args.size.lower().split("x"))
     except ValueError:
