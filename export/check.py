@@ -122,6 +122,8 @@ def main(argv=None) -> int:
 
         try:
             frame = tuple(int(x) for x in args.frame.lower().split("x"))
+            if len(frame) != 2:
+                raise ValueError(f"--frame {args.frame!r} is not HEIGHTxWIDTH")
             _, problems = migraphx_ref.check(Manifest.load(args.graphs), frame, args.capacity)
         except (migraphx_ref.Unavailable, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)

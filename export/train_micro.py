@@ -28,7 +28,9 @@ from runtime.preprocess import patchify
 from runtime.vision_index import vision_inputs
 from runtime.world import COLOURS, EVENTS, SHAPES, SIZE
 
+from .decoder import rope
 from .micro import FRAME_TOKENS, QUERY, Conversations, labels, write_folder_files
+from .vision import _merge
 
 DEFAULT_OUT = Path(__file__).parent / "presets" / "micro"
 TRAIN_SEEDS = 1_000_000  # world seeds from here up are training data; below are held out
@@ -124,7 +126,7 @@ class Forward:
             h = block.norm1(x)
             n, p, width = h.shape
             q, k, v = block.attn.qkv(h).reshape(n, p, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-            q, k = _rotate(q, self.cos, self.sin), _rotate(k, self.cos, self.sin)
+            q, k = rope(q, self.cos, self.sin), rope(k, self.cos, self.sin)
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=block.attn.scaling)
             x = x + block.attn.proj(out.transpose(1, 2).reshape(n, p, width))
             x = x + block.mlp(block.norm2(x))
@@ -144,20 +146,6 @@ class Forward:
                                             position_ids=inputs["position_ids"], visual_pos_masks=visual,
                                             deepstack_visual_embeds=deepstack).last_hidden_state
         return model.lm_head(hidden), merged
-
-
-def _rotate(x, cos, sin):
-    import torch
-
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
-
-
-def _merge(merger, x):
-    """The patch merger: LayerNorm before grouping 4 patches (or after, for DeepStack), then its MLP."""
-    x = merger.norm(x.reshape(-1, merger.hidden_size)) if merger.use_postshuffle_norm else \
-        merger.norm(x).reshape(-1, merger.hidden_size)
-    return merger.linear_fc2(merger.act_fn(merger.linear_fc1(x)))
 
 
 def check_forward(model, forward, examples, pad: int) -> float:

@@ -19,6 +19,8 @@ from .video import AV_ERRORS, TimedFrame, error_text
 
 HEADER = struct.Struct("<d")
 JPEG_START = b"\xff\xd8"
+MAX_PIXELS = 3840 * 2160  # a 4K frame: more is no webcam
+MAX_JUMP = 3600  # seconds between two pushed frames: more is a broken clock, not a pause
 
 
 class FrameError(ValueError):
@@ -46,11 +48,15 @@ class PushedFrames:
             raise FrameError(f"the frame is not a readable JPEG image ({error_text(error)})") from None
         if not frames:
             raise FrameError("the frame is not a readable JPEG image")
+        if frames[-1].width * frames[-1].height > MAX_PIXELS:  # a small JPEG can declare a huge picture
+            raise FrameError(f"the frame is {frames[-1].width}x{frames[-1].height}; at most {MAX_PIXELS} pixels")
         if self._origin is None:
             self._origin = captured
         time = captured - self._origin
         if time <= self._last:
             raise FrameError(f"capture times must increase ({time:.3f} s after {self._last:.3f} s)")
+        if time > max(self._last, 0) + MAX_JUMP:
+            raise FrameError(f"the capture time jumps {time - max(self._last, 0):.0f} s ahead; at most {MAX_JUMP} s")
         try:
             self._queue.put_nowait(TimedFrame(time, None, frames[-1]))
         except queue.Full:

@@ -33,6 +33,7 @@ from .video import VideoError, chunk_frames
 PAGE = Path(__file__).with_name("web") / "index.html"
 # Per-stream settings a client may give, with their JSON types (the CLI's options of the same names).
 NUMBER = (int, float)
+MAX_FRAMES_PER_CHUNK, MAX_NEW_TOKENS = 16, 512  # per stream, whatever a client asks
 SETTINGS = {"query": str, "previous_text": str, "system": str, "timestamps": bool, "fps": NUMBER,
             "chunk_duration": NUMBER, "max_pixels": int, "window_size": int, "text_round": int, "text_sink": int,
             "text_window": int, "keep_query": bool, "max_new_tokens": int, "answer_max_new_tokens": int,
@@ -91,7 +92,8 @@ class Server:
         (data_dir / "uploads").mkdir(parents=True, exist_ok=True)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.args.max_body, middlewares=[self.errors, self.auth])
+        app = web.Application(client_max_size=self.args.max_body,
+                              middlewares=[self.errors, self.same_origin, self.auth])
         app.router.add_get("/", self.page)
         app.router.add_get("/v1/streams", self.list)
         app.router.add_post("/v1/streams", self.create)
@@ -118,6 +120,18 @@ class Server:
             return web.Response(status=error.status, text=message, content_type="application/json",
                                 headers={k: v for k, v in error.headers.items() if k in ("WWW-Authenticate",
                                                                                          "Retry-After")})
+        except Exception as error:  # a bug or a race (a download while its stream is deleted): still one JSON line
+            return web.json_response({"error": f"internal error: {type(error).__name__}: {error}"}, status=500)
+
+    @web.middleware
+    async def same_origin(self, request, handler):
+        """Any web page the user visits could otherwise drive this server (it answers on localhost, and without
+        --token to anyone): a browser's request from another origin is refused. Clients that are not browsers
+        (curl, programs) send no Origin."""
+        origin = request.headers.get("Origin")
+        if origin is not None and origin.partition("://")[2].rstrip("/") != request.host:
+            raise fail(web.HTTPForbidden, f"requests from other origins ({origin}) are refused")
+        return await handler(request)
 
     @web.middleware
     async def auth(self, request, handler):
@@ -168,7 +182,7 @@ class Server:
         what = source_kind(source)
         if what not in self.allowed:
             raise fail(web.HTTPForbidden, f"sources of kind {what!r} are not allowed here (--allow-sources)")
-        args = cli.parse_args([source])
+        args = cli.parse_args(["--", source])  # a source like '-h' is a source, not an option
         for key, value in body.items():
             wanted = SETTINGS.get(key)
             if wanted is None:
@@ -177,6 +191,12 @@ class Server:
                 raise fail(web.HTTPBadRequest, f"{key!r} has the wrong type")
             setattr(args, key, value)
         args.static, args.cache_capacity = self.args.static, self.args.cache_capacity
+        # One stream's settings must not starve the others or the machine: frames, pixels and tokens are capped.
+        if args.fps * args.chunk_duration > MAX_FRAMES_PER_CHUNK or \
+                (args.max_pixels or 0) > self.manifest["preprocess"]["max_pixels"] or \
+                max(args.max_new_tokens, args.answer_max_new_tokens) > MAX_NEW_TOKENS:
+            raise fail(web.HTTPBadRequest, f"at most {MAX_FRAMES_PER_CHUNK} frames per chunk, the model's "
+                       f"max_pixels ({self.manifest['preprocess']['max_pixels']}) and {MAX_NEW_TOKENS} new tokens")
         try:
             config = cli.config_from(args, questions=True)
         except cli.UsageError as error:
@@ -230,14 +250,16 @@ class Server:
             raise too_large
         id = secrets.token_hex(8)
         path, size = self.data_dir / "uploads" / id, 0
-        with open(path, "wb") as out:
-            async for piece in request.content.iter_chunked(1 << 16):
-                size += len(piece)
-                if size > limit:  # a body without a length, or one longer than it said
-                    out.close()
-                    path.unlink()
-                    raise too_large
-                out.write(piece)
+        try:
+            with open(path, "wb") as out:
+                async for piece in request.content.iter_chunked(1 << 16):
+                    size += len(piece)
+                    if size > limit:  # a body without a length, or one longer than it said
+                        raise too_large
+                    out.write(piece)
+        except BaseException:  # too large, or the client went away mid-upload: no partial file stays
+            path.unlink(missing_ok=True)
+            raise
         return web.json_response({"source": f"upload:{id}", "bytes": size}, status=201)
 
     async def question(self, request):
@@ -330,7 +352,7 @@ class Server:
                 await ws.send_json({"type": event.type, "event_id": event.id, **event.data})
 
         sender = asyncio.create_task(self.follow(stream, 0, send))
-        bad, recent = 0, []
+        bad, recent, fed = 0, [], False
         try:
             async for message in ws:
                 if message.type == WSMsgType.BINARY:
@@ -344,6 +366,7 @@ class Server:
                     else:
                         try:
                             dropped = None if stream.pushed.push(message.data) else "busy"
+                            fed = True
                         except FrameError as error:
                             reason = str(error)
                     if reason is not None:
@@ -360,7 +383,7 @@ class Server:
                     await self._socket_text(stream, ws, message.data)
         finally:
             sender.cancel()
-            if stream.pushed is not None:  # the client that feeds the stream is gone: the stream ends
+            if fed:  # the client that feeds the stream is gone: the stream ends (a watcher leaving changes nothing)
                 stream.pushed.close()
         return ws
 
@@ -440,6 +463,9 @@ async def serve(args) -> None:
     providers, options = cli.session_setup(args)
     model = Model(manifest, providers, args.threads, options)
     max_streams = args.max_streams or measured_max_streams(model, manifest, args)
+    if not args.token and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: {args.host} without --token: anyone who reaches this port can make the server open URLs "
+              "and use its model", file=sys.stderr, flush=True)
     temporary = args.data_dir is None
     data_dir = Path(tempfile.mkdtemp(prefix="qwen3vl-serve-") if temporary else args.data_dir)
     server = Server(args, manifest, model, max_streams, data_dir)

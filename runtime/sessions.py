@@ -88,7 +88,11 @@ class Stream:
     def listen(self, wake: Callable[[], None]) -> Callable[[], None]:
         with self._lock:
             self._listeners.add(wake)
-        return lambda: self._listeners.discard(wake)
+        def unlisten():
+            with self._lock:
+                self._listeners.discard(wake)
+
+        return unlisten
 
     @property
     def finished(self) -> bool:

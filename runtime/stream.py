@@ -8,6 +8,7 @@ sources and --realtime are read at the live edge (runtime/live.py).
 
 import argparse
 import json
+import math
 import signal
 import sys
 import threading
@@ -107,6 +108,9 @@ def config_from(args, questions: bool = False):
     """The stream's settings from parsed arguments; `questions`: leave room for questions asked mid-stream."""
     from .commentator import StreamConfig
 
+    numbers = ("fps", "chunk_duration", "temperature", "top_p", "repetition_penalty", "timeout")
+    if not all(math.isfinite(getattr(args, name)) for name in numbers):
+        raise UsageError(f"--{', --'.join(n.replace('_', '-') for n in numbers)} must be finite numbers")
     for name in ("fps", "chunk_duration"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive")

@@ -6,7 +6,6 @@ frames are handled by time, never by counting frames. Only the current and the n
 Live sources (runtime/live.py) feed the same chunker with frames from one connection after another.
 """
 
-import itertools
 import math
 import time as wall
 from collections.abc import Callable, Iterator
@@ -140,10 +139,13 @@ def chunk_frames(frames: Iterator[TimedFrame], path: str | Path, resize: Callabl
         return item.frame.reformat(width=target_width, height=target_height, format="rgb24",
                                    interpolation="BICUBIC").to_ndarray()
 
-    for index in itertools.count():
+    index = -1
+    while True:
+        index += 1
         chunk_start = start + index * chunk_duration
         chunk_end = chunk_start + chunk_duration
         if upcoming is not None and upcoming.time >= chunk_end and chunk_start - current.time > gap:
+            index = max(index, int((upcoming.time - start) // chunk_duration) - 1)  # over the whole gap at once
             continue
         picked: list[np.ndarray] = []
         for j in range(frames_per_chunk):

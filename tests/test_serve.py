@@ -136,9 +136,16 @@ def test_limits_and_misbehaving_clients_leave_the_other_stream_alone(tiny_graphs
             async with session.post(f"{server.url}/v1/streams", json={"source": str(clip)}) as response:
                 assert response.status == 503 and "--max-streams" in (await response.json())["error"]
             for bad, status in [({"source": str(clip), "query": "x" * 4000}, 413), ({"source": "pipe:0"}, 403),
-                                ({"source": str(clip), "fps": "fast"}, 400), ({"source": "/no/such.mp4"}, 400)]:
+                                ({"source": str(clip), "fps": "fast"}, 400), ({"source": "/no/such.mp4"}, 400),
+                                ({"source": "-h"}, 400),  # a source, not an option: the server must not exit
+                                ({"source": str(clip), "fps": float("nan")}, 400),
+                                ({"source": str(clip), "fps": 1e6}, 400),
+                                ({"source": str(clip), "max_new_tokens": 10**6}, 400)]:
                 async with session.post(f"{server.url}/v1/streams", json=bad) as response:
                     assert response.status == status, await response.text()
+            # a page of another origin cannot drive the server (no CSRF through the user's browser)
+            async with session.get(f"{server.url}/v1/streams", headers={"Origin": "http://elsewhere.example"}) as r:
+                assert r.status == 403 and "origin" in (await r.json())["error"]
             listening = asyncio.create_task(sse(session, f"{server.url}/v1/streams/{other['id']}/events"))
             replies = []
             async with session.ws_connect(f"{server.url}/v1/streams/{pushed['id']}/ws") as ws:
