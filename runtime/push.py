@@ -11,6 +11,7 @@ import math
 import queue
 import struct
 import threading
+import time
 from collections.abc import Iterator
 
 import av
@@ -28,7 +29,10 @@ class FrameError(ValueError):
 
 
 class PushedFrames:
-    def __init__(self, backlog: int = 8):
+    def __init__(self, backlog: int = 8, first_frame_wait: float = 30.0):
+        # A stream whose client never sends a frame (a page closed before its socket opened) ends after
+        # first_frame_wait seconds instead of holding its place (--max-streams) forever.
+        self.first_frame_wait = first_frame_wait
         self._queue: queue.Queue[TimedFrame | None] = queue.Queue(backlog)
         self._decoder = av.CodecContext.create("mjpeg", "r")
         self._origin: float | None = None
@@ -69,9 +73,10 @@ class PushedFrames:
         self._closed.set()
 
     def frames(self, stop: threading.Event) -> Iterator[TimedFrame]:
+        deadline = time.monotonic() + self.first_frame_wait
         while not stop.is_set():
             try:
                 yield self._queue.get(timeout=0.2)
             except queue.Empty:
-                if self._closed.is_set():
+                if self._closed.is_set() or (self._origin is None and time.monotonic() > deadline):
                     return

@@ -309,3 +309,22 @@ def test_questions_on_the_static_path_equal_the_dynamic_one(tiny_graphs, tmp_pat
         commentator = Commentator(model, config)
         tokens[static] = [commentator.step(c, question if c.index in (2, 3, 6) else None).tokens for c in chunks]
     assert tokens[True] == tokens[False]
+
+
+def test_a_pushed_stream_ends_if_its_first_frame_never_comes():
+    """An abandoned push stream (its page closed before the socket opened) frees its place; one that got frames
+    waits for its client as long as it is connected."""
+    import threading
+    import time
+
+    from runtime.push import PushedFrames
+
+    pushed, start = PushedFrames(first_frame_wait=0.3), time.monotonic()
+    assert list(pushed.frames(threading.Event())) == [] and time.monotonic() - start < 5
+    pushed = PushedFrames(first_frame_wait=0.3)
+    assert pushed.push(pushed_frame(10.0, jpeg(synthetic_frame(0, 64, 48, 10))))
+    frames = pushed.frames(threading.Event())
+    assert next(frames).time == 0.0
+    threading.Timer(0.8, pushed.close).start()
+    start = time.monotonic()
+    assert list(frames) == [] and time.monotonic() - start > 0.7  # ended by the close, not by the deadline
