@@ -18,7 +18,7 @@ import numpy as np
 
 from .commentator import Commentator, StreamConfig
 from .context import Settings
-from .manifest import Manifest
+from .manifest import Manifest, ManifestError
 from .model import Model
 from .sampling import Sampling
 from .subtitles import clean_text
@@ -66,14 +66,12 @@ def score(pairs) -> Score:
     return s
 
 
-def stream(graphs: str, seed: int, seconds: int, shuffle: bool = False, threads: int = 2,
-           settings: Settings | None = None, start: int = 0) -> list[tuple]:
+def stream(model: Model, seed: int, seconds: int, shuffle: bool = False, settings: Settings | None = None,
+           start: int = 0) -> list[tuple]:
     """[(true Event, cue text)] for `seconds` chunks of World(seed) from second `start` on, streamed from an empty
     context (Time= stamps keep the absolute seconds, as `--start` does); with shuffle, chunk i gets the frames of a
     random other chunk (a fixed permutation), so only a model that reads its frames loses."""
-    manifest = Manifest.load(graphs)
-    commentator = Commentator(Model(manifest, threads=threads),
-                              StreamConfig(settings or Settings(), Sampling(temperature=0.0)))
+    commentator = Commentator(model, StreamConfig(settings or Settings(), Sampling(temperature=0.0)))
     chunks = list(World(seed).chunks(start + seconds))[start:]
     order = np.random.default_rng(seed).permutation(seconds) if shuffle else np.arange(seconds)
     pairs = []
@@ -114,10 +112,15 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="also write the table as JSON here")
     args = parser.parse_args(argv)
-    pairs = stream(args.graphs, args.seed, args.seconds, threads=args.threads)
+    try:
+        model = Model(Manifest.load(args.graphs), threads=args.threads)  # the sessions once, for all three streams
+    except ManifestError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    pairs = stream(model, args.seed, args.seconds)
     minute = min(60, args.seconds)
-    fresh = stream(args.graphs, args.seed, minute, threads=args.threads, start=args.seconds - minute)
-    shuffled = stream(args.graphs, args.seed + 1, args.control_seconds, shuffle=True, threads=args.threads)
+    fresh = stream(model, args.seed, minute, start=args.seconds - minute)
+    shuffled = stream(model, args.seed + 1, args.control_seconds, shuffle=True)
     table = report(pairs, shuffled, fresh, minute)
     for name, row in table.items():
         low, high = row["exact_interval"]

@@ -15,6 +15,8 @@ import pytest
 from runtime.world import COLOURS, EVENTS, SHAPES, SIZE, Event, World, events, parse_caption, render
 
 from conftest import ROOT, cli
+from runtime.manifest import Manifest
+from runtime.model import Model
 
 FOLDER = ROOT / "export" / "presets" / "micro"
 
@@ -115,8 +117,9 @@ def _z(first: int, last: int, n: int) -> float:
 def test_ten_minute_stream_is_right_from_first_to_last_minute(micro_graphs):
     from runtime.accuracy import paired, report, score, stream
 
-    pairs = stream(str(micro_graphs), seed=11, seconds=600)
-    fresh = stream(str(micro_graphs), seed=11, seconds=60, start=540)  # the same last minute, empty context
+    model = Model(Manifest.load(micro_graphs), threads=2)
+    pairs = stream(model, seed=11, seconds=600)
+    fresh = stream(model, seed=11, seconds=60, start=540)  # the same last minute, empty context
     table = report(pairs, fresh=fresh)
     print(json.dumps(table, indent=1))
     assert table["stream"]["exact"] >= 0.90, table["stream"]
@@ -134,7 +137,8 @@ def test_shuffled_frames_score_near_chance(micro_graphs):
     above on caption priors; it cannot pass this one."""
     from runtime.accuracy import score, stream
 
-    shuffled = score(stream(str(micro_graphs), seed=12, seconds=120, shuffle=True)).row()
+    model = Model(Manifest.load(micro_graphs), threads=2)
+    shuffled = score(stream(model, seed=12, seconds=120, shuffle=True)).row()
     assert shuffled["exact"] < 0.25 and shuffled["event"] < 0.4, shuffled
 
 
