@@ -7,7 +7,8 @@ DTYPE  ?= fp32
 VIDEO  ?= samples/sample.mp4
 
 EXPORT_FLAGS = --model $(MODEL) --dtype $(DTYPE) $(if $(OUT),--out $(OUT)) \
-	$(if $(RANDOM_WEIGHTS),--random-weights) $(if $(FORCE),--force) $(if $(NO_VERIFY),--no-verify)
+	$(if $(RANDOM_WEIGHTS),--random-weights) $(if $(FORCE),--force) $(if $(NO_VERIFY),--no-verify) \
+	$(if $(QUANT),--quant $(QUANT)) $(if $(QUANT_FORM),--quant-form $(QUANT_FORM))
 
 .PHONY: setup export check demo train-micro micro-accuracy test bench soak gpu-check clean
 
@@ -23,7 +24,7 @@ export: setup
 	$(BIN)/python -m export $(EXPORT_FLAGS)
 
 check: setup
-	$(BIN)/python -m export.check $(or $(GRAPHS),graphs/$(MODEL))
+	$(BIN)/python -m export.check $(or $(GRAPHS),graphs/$(MODEL)$(if $(QUANT),-$(QUANT)))
 
 # The built-in micro model (export/presets/micro, trained on runtime/world.py) on a clip of its world.
 demo: setup

@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     results["bandwidth"] = _floors(model, wide, setup, decode, results["prefill"], results["vision"], threads,
                                    args.quick)
     del model
+    results["int4"] = _int4(exports, setup, decode, results["prefill"], results["bandwidth"], threads, args.quick)
 
     from .e2e import end_to_end
 
@@ -74,6 +75,36 @@ def main(argv=None) -> int:
     write_results(out, results)
     print(f"bench: {out} ({results['seconds']:.0f} s)")
     return 0
+
+
+def _int4(exports, setup: dict, decode: dict, prefill: dict, floors: dict, threads: int, quick: bool) -> dict:
+    """The int4 export of the same model beside fp32 and transformers, its own bandwidth floor, resident memory of
+    both, and the peer a CPU user would pick instead, llama.cpp (F32 and Q4_0 GGUF of the same weights)."""
+    wide, quant = exports["wide"], exports["wide_int4"]
+    model = quant.model(threads)
+    lengths = sorted(decode["onnx_ms"])
+    print(f"int4 decode at {lengths} cached tokens, prefill, resident memory", flush=True)
+    out = {"setup": {**setup, **quant.describe(), "dtype": "int4 weights (MatMulNBits, block 32, accuracy_level 4), "
+                                                           "fp32 activations and cache"},
+           "scheme": model.manifest["quantization"]["scheme"], "quality": model.manifest["quantization"]["quality"],
+           "decode_ms": {n: measure.onnx_step_ms(model, n, 1) for n in lengths},
+           "prefill_ms": measure.onnx_step_ms(model, prefill["setup"]["cache_tokens"], prefill["setup"]["new_tokens"],
+                                              repeat=3)}
+    past = floors["setup"]["cache_tokens"]
+    out["decode_bytes"] = measure.decoder_bytes(model, past)
+    out["decode_read_floor_ms"] = out["decode_bytes"] / floors["read_gbs"] / 1e6
+    out["achieved_gbs"] = out["decode_bytes"] / out["decode_ms"][past] / 1e6
+    del model
+    out["resident_mib"] = {"fp32": measure.resident_mib(wide.graphs, threads),
+                           "int4": measure.resident_mib(quant.graphs, threads)}
+    if quick:
+        out["llama_cpp"] = {"error": "not run by --quick"}
+    else:
+        from .llama_cpp import peer_rows
+
+        print("llama.cpp (the peer): F32 and Q4_0 GGUF of the same weights", flush=True)
+        out["llama_cpp"] = peer_rows(wide.source, lengths, threads, Path("build/bench/llama"))
+    return out
 
 
 def _floors(model, wide, setup: dict, decode: dict, prefill: dict, vision: dict, threads: int, quick: bool) -> dict:
@@ -122,12 +153,16 @@ def summary_of(results: dict) -> dict:
             "read_gbs", "decode_read_floor_ms", "decode_speedup_bound", "gemm_gflops", "prefill_floor_ms",
             "prefill_speedup_bound", "vision_floor_ms", "vision_vs_floor", "vision_speedup_bound")},
         "rtf": e2e["tiny"]["onnx"]["rtf"], "torch_rtf": e2e["tiny"]["torch"]["rtf"],
+        "int4_decode_ms": {str(n): results["int4"]["decode_ms"][n] for n in lengths},
+        "int4_prefill_ms": results["int4"]["prefill_ms"], "rtf_real_width_int4": e2e["wide_int4"]["onnx"]["rtf"],
+        "int4_resident_mib": results["int4"]["resident_mib"]["int4"]["rss_mib"],
+        "fp32_resident_mib": results["int4"]["resident_mib"]["fp32"]["rss_mib"],
         "rtf_real_width": e2e["wide"]["onnx"]["rtf"], "torch_rtf_real_width": e2e["wide"]["torch"]["rtf"],
     }
 
 
 def write_results(out: Path, results: dict) -> None:
-    for name in ("decode", "prefill", "vision", "bandwidth", "end_to_end"):
+    for name in ("decode", "prefill", "vision", "bandwidth", "int4", "end_to_end"):
         (out / f"{name}.json").write_text(json.dumps(results[name], indent=1) + "\n")
     summary = summary_of(results)
     old = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
@@ -197,7 +232,51 @@ def _table(results: dict, summary: dict) -> str:
         f"{b['vision_speedup_bound']:.2f}x faster than transformers.", "",
         f"Decode flatness: {summary['decode_flatness']:.2f}x from {min(d['onnx_ms'])} to {max(d['onnx_ms'])} cached "
         "tokens.", "",
-    ])
+    ] + _int4_table(results))
+
+
+def _int4_table(results: dict) -> list[str]:
+    """int4 beside fp32, transformers and llama.cpp, same weights, same run."""
+    q, d, e = results["int4"], results["decode"], results["end_to_end"]
+    peer = q["llama_cpp"]
+    f32, q40 = peer.get("f32_ms", {}), peer.get("q4_0_ms", {})
+
+    def ms(table, n):
+        value = table.get(n, table.get(str(n)))
+        return f"{value:.1f} ms" if value else "-"
+
+    rows = [f"| decode step, cache {n} | {d['onnx_ms'][n]:.1f} ms | {q['decode_ms'][n]:.1f} ms | "
+            f"{d['onnx_ms'][n] / q['decode_ms'][n]:.2f}x | {d['torch_ms'][n]:.1f} ms | "
+            f"{d['torch_ms'][n] / q['decode_ms'][n]:.2f}x | {ms(f32, n)} | {ms(q40, n)} |" for n in sorted(q["decode_ms"])]
+    p = results["prefill"]
+    rows.append(f"| chunk prefill ({p['setup']['new_tokens']} onto {p['setup']['cache_tokens']}) | {p['onnx_ms']:.0f} ms | "
+                f"{q['prefill_ms']:.0f} ms | {p['onnx_ms'] / q['prefill_ms']:.2f}x | {p['torch_ms']:.0f} ms | "
+                f"{p['torch_ms'] / q['prefill_ms']:.2f}x | | |")
+    w, w4 = e["wide"], e["wide_int4"]
+    rows.append(f"| end to end ({w['setup']['video_seconds']} s clip) | RTF {w['onnx']['rtf']:.2f} | RTF "
+                f"{w4['onnx']['rtf']:.2f} | {w4['onnx']['rtf'] / w['onnx']['rtf']:.2f}x | RTF {w['torch']['rtf']:.2f} | "
+                f"{w4['onnx']['rtf'] / w['torch']['rtf']:.2f}x | | |")
+    r = q["resident_mib"]
+    quality = q["quality"]
+    peer_line = (f"llama.cpp: {peer['error']}" if "error" in peer else
+                 f"llama.cpp {peer['setup'].get('version', '')}: the same weights converted by its own converter, "
+                 f"{peer['setup'].get('threads')} threads; setup {json.dumps(peer['setup'])}")
+    return [
+        "## int4 weights", "",
+        f"The same model with 4-bit weights ({q['scheme']['form']}, block {q['scheme']['block_size']}, accuracy_level "
+        f"{q['scheme']['accuracy_level']}, at 8 bits: {', '.join(q['scheme']['eight_bit']) or 'nothing'}); activations, norms and the cache "
+        f"fp32. Quality against the fp32 graphs (teacher forced, {quality['positions']} positions): mean KL "
+        f"{quality['mean_kl']:.4f} nats, top-1 {quality['top1']:.1%} ({quality['top1_rule']}), ppl ratio "
+        f"{quality['ppl_ratio']:.4f}.", "",
+        "| what | ONNX fp32 | ONNX int4 | int4 vs fp32 | transformers fp32 | int4 vs transformers | llama.cpp F32 | "
+        "llama.cpp Q4_0 |", "|---|---|---|---|---|---|---|---|", *rows, "",
+        f"A decode step at {results['bandwidth']['setup']['cache_tokens']} cached tokens reads "
+        f"{q['decode_bytes'] / 1e9:.2f} GB with int4 weights: floor {q['decode_read_floor_ms']:.1f} ms at the measured "
+        f"{results['bandwidth']['read_gbs']:.1f} GB/s (achieved {q['achieved_gbs']:.1f} GB/s).", "",
+        f"Resident memory, both decoder sessions loaded and run once: fp32 {r['fp32']['rss_mib']:.0f} MiB (weights "
+        f"memory-mapped, shared), int4 {r['int4']['rss_mib']:.0f} MiB (one prepacked copy per session).", "",
+        peer_line, "",
+    ]
 
 
 if __name__ == "__main__":

@@ -178,7 +178,33 @@ def vision_flops(model: Model, grid_h: int, grid_w: int, frames: int = 1) -> int
 
 def decoder_bytes(model: Model, past: int) -> int:
     """Bytes one decode step must read at least: every weight of the decoder graph and the whole cache."""
-    weights = sum(int(np.prod(w["shape"])) * np.dtype(w["dtype"]).itemsize
+    weights = sum(int(np.prod(w["shape"])) * (0.5 if w["dtype"] == "int4" else np.dtype(w["dtype"]).itemsize)
                   for w in model.manifest["graphs"]["decoder"].get("external_weights", []))
     cache = 2 * model.layers * model.kv_heads * past * model.head_dim * np.dtype(model.cache_dtype).itemsize
-    return weights + cache
+    return int(weights) + cache
+
+
+RESIDENT = """
+import json, resource, sys
+from bench.measure import step_feeds
+from runtime.manifest import Manifest
+from runtime.model import Model
+model = Model(Manifest.load(sys.argv[1]), threads=int(sys.argv[2]))
+for new in (1, 8):  # both decoder graphs loaded and run once, as a stream has them
+    feeds = step_feeds(model, 256, new)
+    model.session(model.step_graph(new)).run(["logits"], feeds)
+print(json.dumps({"rss_mib": int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20,
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def resident_mib(graphs, threads: int) -> dict:
+    """Resident memory of a fresh process holding both decoder sessions after one step each (weights as the runtime
+    loads them: memory-mapped and shared for fp32, one prepacked copy per session for int4)."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", RESIDENT, str(graphs), str(threads)], capture_output=True,
+                          text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,10 +1,11 @@
 """python -m export --model NAME|FOLDER|HUB_ID [--out graphs/NAME] [--dtype fp32] [--random-weights] [--force]
-[--no-verify] [--no-migraphx]"""
+[--no-verify] [--no-migraphx] [--quant int4 [--quant-form matmulnbits|dequantizelinear]]"""
 
 import argparse
 import sys
 
-from .pipeline import DTYPES, ExportOptions, run
+from .pipeline import DTYPES, QUANTS, ExportOptions, run
+from .quantize import FORMS
 
 
 def main(argv=None) -> int:
@@ -20,6 +21,11 @@ def main(argv=None) -> int:
                         help="skip the proof against transformers")
     parser.add_argument("--no-migraphx", dest="migraphx", action="store_false",
                         help="skip the proof on MIGraphX's ref target (run when its Python module is importable)")
+    parser.add_argument("--quant", choices=QUANTS,
+                        help="4-bit weights in the decoder's matrix products, held to the quality budget against "
+                             "the fp32 graphs (default out: graphs/<name>-int4)")
+    parser.add_argument("--quant-form", choices=FORMS, default="matmulnbits",
+                        help="com.microsoft MatMulNBits (default) or standard DequantizeLinear + MatMul (opset 21)")
     args = parser.parse_args(argv)
     from runtime.manifest import ManifestError
 
@@ -28,7 +34,7 @@ def main(argv=None) -> int:
 
     try:
         run(ExportOptions(args.model, args.out, args.dtype, args.random_weights, args.force, args.verify,
-                          args.migraphx))
+                          args.migraphx, args.quant, args.quant_form))
     except (SourceError, ManifestError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -1,6 +1,7 @@
 """Everything in `graphs/<name>/` besides the graphs: embedding table, tokenizer, and the manifest."""
 
 import json
+from collections import Counter
 import platform
 import shutil
 from pathlib import Path
@@ -9,6 +10,7 @@ import numpy as np
 import onnx
 
 from runtime.manifest import FORMAT, FORMAT_VERSION, ONNX_DTYPES, file_sha256
+from runtime.quant import QUANTIZED_OPS
 
 from .load import Source
 
@@ -50,6 +52,9 @@ def graph_contract(path: Path) -> dict:
                             "file": info["location"], "offset": int(info.get("offset", 0))})
     if weights:
         contract["external_weights"] = weights
+    quantized = Counter(n.op_type for n in graph.node if n.op_type in QUANTIZED_OPS)
+    if quantized:
+        contract["quantized"] = dict(quantized)
     return contract
 
 

@@ -62,6 +62,11 @@ def _refused_modes(node) -> list[str]:
         return [f"Pad mode {attrs['mode'].decode()} is refused"]
     if node.op_type in ("ArgMax", "ArgMin") and attrs.get("select_last_index", 0):
         return ["select_last_index is refused"]
+    # MIGraphX parses MatMulNBits (ROCm >= 6.3) as 4-bit weights, symmetric or with zero points, without g_idx
+    if node.op_type == "MatMulNBits" and attrs.get("bits", 4) != 4:
+        return [f"{attrs['bits']}-bit MatMulNBits is refused (4-bit only); export with --quant-form dequantizelinear"]
+    if node.op_type == "MatMulNBits" and len(node.input) > 4 and node.input[4]:
+        return ["MatMulNBits with g_idx is refused"]
     return []
 
 

@@ -4,6 +4,7 @@ Opset 18 on purpose: newer opsets turn GELU, RMSNorm and attention into single o
 `Attention`) that MIGraphX either lacks or parses as the com.microsoft op of the same name with other semantics.
 """
 
+import gc
 import hashlib
 import logging
 import warnings
@@ -118,8 +119,25 @@ def _export(module, args, path, inputs, outputs, dynamic_shapes, metadata, renam
     data = path.with_name(path.name + ".data")
     if data.is_file() and not data.stat().st_size:  # every weight was shared
         data.unlink()
+    del program
+    _release_rewriter_state()
     return {contents[t.name]: t for t in model.graph.initializer
             if t.data_location == onnx.TensorProto.EXTERNAL and t.name in contents}
+
+
+def _release_rewriter_state() -> None:
+    """onnxscript's module-level rewrite rules keep the last graph they matched (`_graph`, `_current_node`,
+    `_match`), and with it every weight of the last trace: the whole 4B model (16 GB) outlived its `del`, and the
+    ONNX sessions that verify it then read their memory-mapped weights from disk. Drop those references."""
+    try:
+        from onnxscript.rewriter._matcher import PatternMatcher
+    except ImportError:  # another onnxscript layout: nothing known to release
+        return
+    for obj in gc.get_objects():
+        if PatternMatcher in type(obj).__mro__:  # not isinstance: abc checks on every object warn about torch's
+            for name in ("_graph", "_current_node", "_match", "_tracer"):
+                if name in vars(obj):
+                    setattr(obj, name, None)
 
 
 def _name_dims(model: onnx.ModelProto, rename: dict) -> None:

@@ -5,23 +5,28 @@ The manifest is written last: a folder without one is an unfinished export, neve
 
 import gc
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from runtime.manifest import FORMAT_VERSION, Manifest, ManifestError
 
 from runtime.model import Model
 
-from . import artifacts, cache_graphs, check, graphs, migraphx_ref, verify
+from . import artifacts, cache_graphs, check, graphs, migraphx_ref, quality, quantize, verify
 from .decoder import DecoderStep
 from .load import Source, SourceError, resolve
 from .verify import VerificationError
 from .vision import VisionEncoder
 
 DTYPES = ("fp32", "fp16")
-OUR_FILES = {"manifest.json", "vision.onnx", "vision.onnx.data", "decoder.onnx", "decoder.onnx.data", "prefill.onnx",
+QUANTS = ("int4",)
+STAGE = "quantized"  # the quantized graphs are written here, measured, then moved over the float ones
+OUR_FILES = {STAGE, "manifest.json", "vision.onnx", "vision.onnx.data", "decoder.onnx", "decoder.onnx.data", "prefill.onnx",
              "prefill.onnx.data", "cache_write.onnx", "cache_rope.onnx", "embed_tokens.npy", "tokenizer"}
 
 
@@ -34,14 +39,21 @@ class ExportOptions:
     force: bool = False
     verify: bool = True
     migraphx: bool = True  # with verify: also prove the graphs on MIGraphX's ref target when it is importable
+    quant: str | None = None  # "int4": 4-bit weights in the decoder's matrix products (export/quantize.py)
+    quant_form: str = "matmulnbits"  # or "dequantizelinear" (standard ONNX, opset 21)
 
 
 def run(opts: ExportOptions, log=print) -> Path:
     if opts.dtype not in DTYPES:
         raise SourceError(f"dtype {opts.dtype!r} is not available yet; use one of {', '.join(DTYPES)}")
+    if opts.quant is not None and (opts.quant not in QUANTS or opts.dtype != "fp32"):
+        raise SourceError(f"quantization {opts.quant!r} with dtype {opts.dtype} is not available; use QUANT=int4 "
+                          "with DTYPE=fp32 (the quantized weights come from the fp32 export)")
+    if opts.quant_form not in quantize.FORMS:
+        raise SourceError(f"unknown quantized form {opts.quant_form!r}; use one of {', '.join(quantize.FORMS)}")
     source = resolve(opts.model, opts.random_weights)
     out = _out(opts, source)
-    if not opts.force and _up_to_date(out, source, opts.dtype):
+    if not opts.force and _up_to_date(out, source, opts):
         log(f"{out}: up to date ({source.identity}), reusing it; --force exports again")
         return out
     _make_room(out, opts.force)
@@ -92,11 +104,71 @@ def run(opts: ExportOptions, log=print) -> Path:
                                     "tolerance": f"{verify.RTOL[opts.dtype]} x max(1, max|reference|)",
                                     "greedy_agreement_min": verify.AGREEMENT[opts.dtype],
                                     "reference": "transformers, float32"}
-        if opts.migraphx:
-            manifest["verification"]["migraphx_ref"] = _prove_on_migraphx(Manifest(out, manifest), log)
+    manifest["quantization"] = None
+    if opts.quant:
+        manifest["quantization"] = _quantize(out, manifest, opts, source.folder is None, log)
+    if opts.verify and opts.migraphx:
+        manifest["verification"]["migraphx_ref"] = _prove_on_migraphx(Manifest(out, manifest), log)
     manifest["files"] = artifacts.file_table(out)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     log(f"done: {out} in {time.perf_counter() - start:.0f} s ({_peak_memory()})")
+    return out
+
+
+def _quantize(out: Path, manifest: dict, opts: ExportOptions, random_weights: bool, log) -> dict:
+    """Quantize the decoder graphs and hold them to the quality budget (export/quality.py) against these fp32
+    graphs, keeping more at 8 bits step by step (`quality.ladder`) until it holds; fail if it never does."""
+    log("quality reference: the fp32 graphs, teacher forced over the fixed text and video prompts")
+    reference = quality.run(Model(Manifest(out, manifest)))
+    stage = out / STAGE
+    table = np.load(out / manifest["embeddings"]["file"], mmap_mode="r")
+    # random weights: only the first step (the budget's end-to-end numbers do not measure quality there)
+    steps = [()] if random_weights else quality.ladder(manifest["text"]["num_hidden_layers"])
+    for eight_bit in steps:
+        scheme = quantize.Scheme(form=opts.quant_form, eight_bit=eight_bit)
+        shutil.rmtree(stage, ignore_errors=True)
+        stats = quantize.quantize_folder(out, stage, scheme, log=log)
+        np.save(stage / "embed_tokens.npy", table.astype(np.float16))  # looked up, never multiplied: fp16 is plenty
+        candidate = {**manifest, "graphs": {**manifest["graphs"], **_contracts(stage, prefix=STAGE + "/")},
+                     "embeddings": {**manifest["embeddings"], "file": f"{STAGE}/embed_tokens.npy", "dtype": "float16"}}
+        log(f"measuring {opts.quant} ({', '.join(eight_bit) or 'nothing'} at 8 bits) against the fp32 graphs")
+        metrics = quality.compare(reference, quality.run(Model(Manifest(out, candidate))), not random_weights)
+        problems = quality.failures(metrics, stats["weight_rel_error"]["max"], not random_weights)
+        log("  " + ", ".join(f"{k} {metrics[k]:.4g}" for k in quality.BUDGET) + (
+            " (within budget)" if not problems else " (over budget)") + (
+            "; random weights: recorded, each matrix held to its rounding error" if random_weights else ""))
+        if not problems:
+            break
+    else:
+        raise VerificationError(f"{opts.quant} weights miss the quality budget even with every matrix at 8 bits: "
+                                f"{problems[0]}")
+    del table
+    for name in ("prefill.onnx.data", "decoder.onnx.data"):
+        (out / name).unlink(missing_ok=True)
+    for path in stage.iterdir():
+        os.replace(path, out / path.name)
+    stage.rmdir()
+    manifest["graphs"].update(_contracts(out))
+    problems = [f"{g}.onnx: {p}" for g in ("decoder", "prefill") for p in check.check_file(out / f"{g}.onnx")]
+    if problems:
+        raise SourceError(f"the quantized graphs fail the graph check: {problems[0]}")
+    manifest["embeddings"] = {**manifest["embeddings"], "dtype": "float16"}
+    return {"name": opts.quant, "scheme": scheme.describe(), **stats, "quality": metrics,
+            "budget": quality.BUDGET if not random_weights else {"weight_rel_error_max": quality.WEIGHT_ERROR},
+            "budget_applies": "end to end (trained weights)" if not random_weights else
+            "per matrix (random weights: the end-to-end numbers are recorded; see export/quality.py)",
+            "reference": "this export's fp32 ONNX graphs (ONNX Runtime, CPU)"}
+
+
+def _contracts(folder: Path, prefix: str = "") -> dict:
+    """The decoder graphs' contracts, with file names relative to the export's root."""
+    out = {}
+    for graph in ("decoder", "prefill"):
+        contract = artifacts.graph_contract(folder / f"{graph}.onnx")
+        contract["file"] = prefix + contract["file"]
+        for weight in contract.get("external_weights", []):
+            weight["file"] = prefix + weight["file"]
+        out[graph] = contract
     return out
 
 
@@ -127,19 +199,21 @@ def _peak_memory() -> str:
 def up_to_date(opts: ExportOptions) -> bool:
     """Whether `opts.out` already holds this export, made by this version (run() would reuse it)."""
     source = resolve(opts.model, opts.random_weights)
-    return _up_to_date(_out(opts, source), source, opts.dtype)
+    return _up_to_date(_out(opts, source), source, opts)
 
 
 def _out(opts: ExportOptions, source: Source) -> Path:
-    return Path(opts.out) if opts.out else Path("graphs") / source.name
+    return Path(opts.out) if opts.out else Path("graphs") / (source.name + (f"-{opts.quant}" if opts.quant else ""))
 
 
-def _up_to_date(out: Path, source: Source, dtype: str) -> bool:
+def _up_to_date(out: Path, source: Source, opts: ExportOptions) -> bool:
     try:
         manifest = Manifest.load(out)
     except ManifestError:
         return False
-    return manifest["source"]["identity"] == source.identity and manifest["dtype"] == dtype
+    quant = manifest.data.get("quantization") or {}
+    return (manifest["source"]["identity"] == source.identity and manifest["dtype"] == opts.dtype
+            and quant.get("name") == opts.quant and quant.get("scheme", {}).get("form", opts.quant_form) == opts.quant_form)
 
 
 def _make_room(out: Path, force: bool) -> None:

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FORMAT = "qwen3vl-stream"
-FORMAT_VERSION = 2  # 2: prefill.onnx beside decoder.onnx
+FORMAT_VERSION = 3  # 2: prefill.onnx beside decoder.onnx; 3: quantized graphs (the runtime must prepack them)
 
-ONNX_DTYPES = {1: "float32", 7: "int64", 10: "float16", 9: "bool", 6: "int32", 2: "uint8", 3: "int8"}  # TensorProto
+ONNX_DTYPES = {1: "float32", 7: "int64", 10: "float16", 9: "bool", 6: "int32", 2: "uint8", 3: "int8",
+               22: "int4"}  # TensorProto
 ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(float16)": "float16",
               "tensor(bool)": "bool", "tensor(int32)": "int32"}
 

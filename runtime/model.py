@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from . import quant
 from .manifest import Manifest
 from .providers import SESSION_ERRORS, ProviderError, device_of
 from .vision_index import vision_inputs
@@ -55,12 +56,15 @@ class Model:
             options.intra_op_num_threads = self.threads
             for name, value in (dims or {}).items():
                 options.add_free_dimension_override_by_name(name, int(value))
-            for name, value in self._shared_weights(graph).items():
+            shared = self._shared_weights(graph)
+            for name, value in shared.items():
                 options.add_initializer(name, value)
-            if self.device == "cpu" and self._shared_weights(graph):
-                # prepacking would give each session its own repacked copy of every MatMul weight
+            prepacking = not (self.device == "cpu" and shared)
+            if not prepacking:  # it would give each session its own repacked copy of every fp32 MatMul weight
                 options.add_session_config_entry("session.disable_prepacking", "1")
             path = self.manifest.path(self.manifest["graphs"][graph]["file"])
+            if self.manifest["graphs"][graph].get("quantized"):
+                quant.check(path, prepacking)
             provider_options = [self.provider_options if p == self.providers[0] else {} for p in self.providers]
             try:
                 session = ort.InferenceSession(str(path), options, providers=self.providers,
@@ -75,8 +79,12 @@ class Model:
     def _shared_weights(self, graph: str) -> dict:
         """One copy of the external weights for every session (decoder.onnx and prefill.onnx store theirs in one
         file): memory-mapped on the CPU, copied once to the GPU for CUDA. MIGraphX embeds the weights in each
-        compiled program, so there every session keeps its own copy."""
+        compiled program, so there every session keeps its own copy; so do quantized graphs."""
         if self.providers[0] == "MIGraphXExecutionProvider":
+            return {}
+        if self.manifest["graphs"][graph].get("quantized"):
+            # MatMulNBits is fast only prepacked, and prepacking copies each weight into the session anyway: each
+            # session loads its own (4-bit weights cost less per session than one shared fp32 copy)
             return {}
         shared = {}
         for w in self.manifest["graphs"][graph].get("external_weights", []):

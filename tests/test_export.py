@@ -122,3 +122,22 @@ def test_non_qwen_folder_with_other_model_type(tmp_path):
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     result = cli("-m", "export", "--model", str(tmp_path / "llama"))
     assert result.returncode == 1 and "model_type 'llama'" in result.stderr
+
+
+def test_the_traced_weights_are_freed_after_export(tmp_path):
+    """`del model` must free the PyTorch weights before the ONNX sessions load (the 4B model does not fit twice):
+    nothing the exporter used (onnxscript's rewrite rules keep the last graph they matched) may hold them."""
+    import gc
+    import weakref
+
+    from export import graphs
+    from export.decoder import DecoderStep
+    from export.load import resolve
+
+    source = resolve("tiny")
+    model = source.build_model()
+    weight = weakref.ref(model.lm_head.weight)
+    graphs.export_decoder(DecoderStep(model), source.config, "fp32", tmp_path / "decoder.onnx", {})
+    del model
+    gc.collect()
+    assert weight() is None
