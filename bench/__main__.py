@@ -86,7 +86,8 @@ def _int4(exports, setup: dict, decode: dict, prefill: dict, floors: dict, threa
     print(f"int4 decode at {lengths} cached tokens, prefill, resident memory", flush=True)
     out = {"setup": {**setup, **quant.describe(), "dtype": "int4 weights (MatMulNBits, block 32, accuracy_level 4), "
                                                            "fp32 activations and cache"},
-           "scheme": model.manifest["quantization"]["scheme"], "quality": model.manifest["quantization"]["quality"],
+           **{key: model.manifest["quantization"][key] for key in ("scheme", "quality", "weight_rel_error",
+                                                                   "budget_applies")},
            "decode_ms": {n: measure.onnx_step_ms(model, n, 1) for n in lengths},
            "prefill_ms": measure.onnx_step_ms(model, prefill["setup"]["cache_tokens"], prefill["setup"]["new_tokens"],
                                               repeat=3)}
@@ -261,13 +262,16 @@ def _int4_table(results: dict) -> list[str]:
     peer_line = (f"llama.cpp: {peer['error']}" if "error" in peer else
                  f"llama.cpp {peer['setup'].get('version', '')}: the same weights converted by its own converter, "
                  f"{peer['setup'].get('threads')} threads; setup {json.dumps(peer['setup'])}")
+    eight = ", ".join(q["scheme"]["eight_bit"]) or "nothing"
+    ppl = "-" if quality["ppl_ratio"] is None else f"{quality['ppl_ratio']:.4f}"
     return [
         "## int4 weights", "",
-        f"The same model with 4-bit weights ({q['scheme']['form']}, block {q['scheme']['block_size']}, accuracy_level "
-        f"{q['scheme']['accuracy_level']}, at 8 bits: {', '.join(q['scheme']['eight_bit']) or 'nothing'}); activations, norms and the cache "
-        f"fp32. Quality against the fp32 graphs (teacher forced, {quality['positions']} positions): mean KL "
-        f"{quality['mean_kl']:.4f} nats, top-1 {quality['top1']:.1%} ({quality['top1_rule']}), ppl ratio "
-        f"{quality['ppl_ratio']:.4f}.", "",
+        f"The same model with 4-bit weights ({q['scheme']['form']}, block {q['scheme']['block_size']}, "
+        f"accuracy_level {q['scheme']['accuracy_level']}, at 8 bits: {eight}); activations, norms and the cache "
+        f"fp32. Against the fp32 graphs (teacher forced, {quality['positions']} positions): mean KL "
+        f"{quality['mean_kl']:.4f} nats, top-1 {quality['top1']:.1%} ({quality['top1_rule']}), ppl ratio {ppl}; "
+        f"each matrix's rounding error {q['weight_rel_error']['mean']:.4f} (budget applies "
+        f"{q['budget_applies']}).", "",
         "| what | ONNX fp32 | ONNX int4 | int4 vs fp32 | transformers fp32 | int4 vs transformers | llama.cpp F32 | "
         "llama.cpp Q4_0 |", "|---|---|---|---|---|---|---|---|", *rows, "",
         f"A decode step at {results['bandwidth']['setup']['cache_tokens']} cached tokens reads "

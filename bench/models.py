@@ -56,9 +56,8 @@ def build_exports(root: Path, quick: bool = False, dtype: str = "fp32") -> dict[
     tiny = _export(ExportOptions("tiny", root / f"tiny-{dtype}", dtype=dtype, verify=False), log=lambda *_: None)
     models = {"tiny": BenchModel(tiny, "tiny")}
     if quick:
-        # tiny's 64-wide random layers miss the int4 budget (export/quality.py); the trained micro model holds it
-        int4 = _export(ExportOptions("micro", root / "micro-int4", verify=False, quant="int4"), log=lambda *_: None)
-        models["wide"], models["wide_int4"] = models["tiny"], BenchModel(int4, "micro")
+        int4 = _export(ExportOptions("tiny", root / "tiny-int4", verify=False, quant="int4"), log=lambda *_: None)
+        models["wide"], models["wide_int4"] = models["tiny"], BenchModel(int4, "tiny")
         return models
     folder = wide_folder(root)
     wide = _export(ExportOptions(str(folder), root / f"{folder.name}-{dtype}", dtype=dtype, random_weights=True,

@@ -134,7 +134,7 @@ def _quantize(out: Path, manifest: dict, opts: ExportOptions, random_weights: bo
         log(f"measuring {opts.quant} ({', '.join(eight_bit) or 'nothing'} at 8 bits) against the fp32 graphs")
         metrics = quality.compare(reference, quality.run(Model(Manifest(out, candidate))), not random_weights)
         problems = quality.failures(metrics, stats["weight_rel_error"]["max"], not random_weights)
-        log("  " + ", ".join(f"{k} {metrics[k]:.4g}" for k in quality.BUDGET) + (
+        log("  " + ", ".join(f"{k} {metrics[k]:.4g}" for k in quality.BUDGET if metrics[k] is not None) + (
             " (within budget)" if not problems else " (over budget)") + (
             "; random weights: recorded, each matrix held to its rounding error" if random_weights else ""))
         if not problems:

@@ -140,7 +140,8 @@ def compare(reference: Forced, quantized: Forced, trained: bool) -> dict:
         "positions": int(len(rows)), "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
         "top1": float(agree[counted].mean()) if counted.any() else 1.0, "top1_positions": int(counted.sum()),
         "top1_all_positions": float(agree.mean()),
-        "ppl_ratio": float(np.exp((lp[rows, reference.tokens] - lq[rows, reference.tokens])[plausible].mean())),
+        "ppl_ratio": (float(np.exp((lp[rows, reference.tokens] - lq[rows, reference.tokens])[plausible].mean()))
+                      if plausible.any() else None),  # a random model may find no forced token plausible
         "ppl_positions": int(plausible.sum()),
         "reference_ppl": float(np.exp(-lp[rows, reference.tokens].mean())),
         "logits_rel": max(rel(a, b) for a, b in zip(reference.logits, quantized.logits)),
@@ -157,6 +158,9 @@ def failures(metrics: dict, weight_error: float, trained: bool) -> list[str]:
         return [f"weight error {weight_error:.4g} (bound <= {WEIGHT_ERROR})"] if weight_error > WEIGHT_ERROR else []
     out = []
     for key, bound in BUDGET.items():
+        if metrics[key] is None:
+            out.append(f"{key} not measured (no forced token the float model finds plausible)")
+            continue
         worse = metrics[key] < bound if key == "top1" else metrics[key] > bound
         if worse:
             out.append(f"{key} {metrics[key]:.4g} (budget {'>=' if key == 'top1' else '<='} {bound})")

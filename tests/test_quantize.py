@@ -244,5 +244,6 @@ def test_real_width_int4_is_as_good_as_noise_of_its_size(tmp_path):
     assert q["quality"]["top1_rule"].startswith("positions with")  # random weights: top-1 where it means something
     for key in ("mean_kl", "logits_rel", "kv_rel"):
         assert q["quality"][key] <= 1.5 * noise[key], (key, q["quality"], noise)
-    assert np.log(q["quality"]["ppl_ratio"]) <= 1.5 * abs(np.log(noise["ppl_ratio"])) + 0.01
+    if noise["ppl_ratio"] is not None:  # forced tokens the float model finds plausible (random: a few, or none)
+        assert np.log(q["quality"]["ppl_ratio"]) <= 1.5 * abs(np.log(noise["ppl_ratio"])) + 0.01
     assert q["quantized_matrices"] == 2 * 7 + 1 and q["quantized_bytes"] < 0.17 * q["float_bytes"]
