@@ -185,7 +185,7 @@ def decoder_bytes(model: Model, past: int) -> int:
 
 
 RESIDENT = """
-import json, resource, sys
+import json, sys
 from bench.measure import step_feeds
 from runtime.manifest import Manifest
 from runtime.model import Model
@@ -193,14 +193,14 @@ model = Model(Manifest.load(sys.argv[1]), threads=int(sys.argv[2]))
 for new in (1, 8):  # both decoder graphs loaded and run once, as a stream has them
     feeds = step_feeds(model, 256, new)
     model.session(model.step_graph(new)).run(["logits"], feeds)
-print(json.dumps({"rss_mib": int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"rss_mib": int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20}))
 """
 
 
 def resident_mib(graphs, threads: int) -> dict:
     """Resident memory of a fresh process holding both decoder sessions after one step each (weights as the runtime
-    loads them: memory-mapped and shared for fp32, one prepacked copy per session for int4)."""
+    loads them: memory-mapped and shared for fp32, one prepacked copy per session for int4). Current, not peak:
+    Linux carries the parent's peak (ru_maxrss) across fork and exec."""
     import json
     import subprocess
     import sys
