@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=int, default=8)
     p.add_argument("--out", default="gpu_check.json")
     p.add_argument("--dtypes", default="fp32,fp16,int4",
-                   help="fp16 on the CPU provider needs fp32 copies per session; int4 = 4-bit weights, fp32 activations")
+                   help="fp16 on the CPU provider needs fp32 copies per session; int4: 4-bit weights, fp32 activations")
     args = p.parse_args(argv)
     providers = choose(args.provider)
     options = provider_options(providers[0])

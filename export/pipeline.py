@@ -26,8 +26,9 @@ from .vision import VisionEncoder
 DTYPES = ("fp32", "fp16")
 QUANTS = ("int4",)
 STAGE = "quantized"  # the quantized graphs are written here, measured, then moved over the float ones
-OUR_FILES = {STAGE, "manifest.json", "vision.onnx", "vision.onnx.data", "decoder.onnx", "decoder.onnx.data", "prefill.onnx",
-             "prefill.onnx.data", "cache_write.onnx", "cache_rope.onnx", "embed_tokens.npy", "tokenizer"}
+OUR_FILES = {STAGE, "manifest.json", "vision.onnx", "vision.onnx.data", "decoder.onnx", "decoder.onnx.data",
+             "prefill.onnx", "prefill.onnx.data", "cache_write.onnx", "cache_rope.onnx", "embed_tokens.npy",
+             "tokenizer"}
 
 
 @dataclass
@@ -212,8 +213,9 @@ def _up_to_date(out: Path, source: Source, opts: ExportOptions) -> bool:
     except ManifestError:
         return False
     quant = manifest.data.get("quantization") or {}
+    form = quant.get("scheme", {}).get("form", opts.quant_form)
     return (manifest["source"]["identity"] == source.identity and manifest["dtype"] == opts.dtype
-            and quant.get("name") == opts.quant and quant.get("scheme", {}).get("form", opts.quant_form) == opts.quant_form)
+            and quant.get("name") == opts.quant and form == opts.quant_form)
 
 
 def _make_room(out: Path, force: bool) -> None:

@@ -9,7 +9,8 @@ compared at every forced position. Two prompts, fixed by seeds:
   export's replies forced.
 
 Budget: mean KL(float || quantized) of the next-token distribution <= 0.05 nats, top-1 agreement >= 90%,
-perplexity ratio (quantized over float, on the forced tokens the float model finds plausible) <= 1.03, and per-tensor relative errors (max
+perplexity ratio (quantized over float, on the forced tokens the float model finds plausible) <= 1.03, and
+per-tensor relative errors (max
 |quantized - float| / max |float|) of the logits and of the text run's final K/V <= 0.25. A quantized export of
 trained weights that misses it keeps more at 8 bits (`ladder`) and is measured again; it fails if nothing holds.
 

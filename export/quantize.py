@@ -100,7 +100,7 @@ def _external(tensor: TensorProto) -> dict | None:
 
 def _targets(model: onnx.ModelProto, block: int) -> dict[str, _Weight]:
     """The nodes to quantize (by node output name): MatMul(x, W) and Gemm(x, W) with W a 2-D fp32 external weight
-    whose inner dim is a whole number of blocks. The LM head is the Gemm whose output is the logits' source."""
+    whose inner dim is a whole number of blocks, each with the module it came from."""
     inits = {t.name: t for t in model.graph.initializer}
     found = {}
     for node in model.graph.node:
@@ -109,7 +109,8 @@ def _targets(model: onnx.ModelProto, block: int) -> dict[str, _Weight]:
         tensor = inits[node.input[1]]
         where = _external(tensor)
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "Gemm" and (len(node.input) > 2 or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0):
+        plain = len(node.input) == 2 and not attrs.get("transA", 0) and attrs.get("alpha", 1.0) == 1.0
+        if node.op_type == "Gemm" and not plain:  # a bias, a transposed input or a scale: not a plain product
             continue
         transposed = bool(attrs.get("transB", 0))
         if where is None or len(tensor.dims) != 2 or tensor.data_type != TensorProto.FLOAT:
@@ -254,9 +255,9 @@ def _write_quantized(folder: Path, w: _Weight, data: _DataFile, scheme: Scheme,
             codes.append(c)
             scales.append(s)
     if form == "matmulnbits":
-        blob = k // scheme.block_size * scheme.block_size * bits // 8
-        b = data.write(f"{name}.B", codes, TensorProto.UINT8, (n, k // scheme.block_size, blob // (k // scheme.block_size)))
-        sc = data.write(f"{name}.scales", scales, TensorProto.FLOAT, (n, k // scheme.block_size))
+        blocks = k // scheme.block_size
+        b = data.write(f"{name}.B", codes, TensorProto.UINT8, (n, blocks, scheme.block_size * bits // 8))
+        sc = data.write(f"{name}.scales", scales, TensorProto.FLOAT, (n, blocks))
         return [b, sc], float(np.sqrt(squares[0] / max(squares[1], 1e-30)))
     kn = np.concatenate(codes).T  # [K, N] int8 codes: 1 byte per code while packing, then half that
     flat = kn.reshape(-1)
