@@ -1,19 +1,20 @@
 """Everything in `graphs/<name>/` besides the graphs: embedding table, tokenizer, and the manifest."""
 
 import json
-from collections import Counter
 import platform
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from runtime.manifest import FORMAT, FORMAT_VERSION, ONNX_DTYPES, file_sha256
-from runtime.quant import QUANTIZED_OPS
 
 from .load import Source
 
+QUANTIZED_OPS = ("MatMulNBits", "DequantizeLinear")
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 # StreamingVLM bounds each frame to 100..768 merged tokens (pixels = tokens x (patch x merge)^2).
 MIN_FRAME_TOKENS, MAX_FRAME_TOKENS = 100, 768
 RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
@@ -52,10 +53,27 @@ def graph_contract(path: Path) -> dict:
                             "file": info["location"], "offset": int(info.get("offset", 0))})
     if weights:
         contract["external_weights"] = weights
-    quantized = Counter(n.op_type for n in graph.node if n.op_type in QUANTIZED_OPS)
-    if quantized:
-        contract["quantized"] = dict(quantized)
+    ops = Counter(n.op_type for n in graph.node if n.op_type in QUANTIZED_OPS)
+    if ops:  # what the runtime's load check (runtime/quant.py) reads, so that it needs no onnx
+        contract["quantized"] = {"ops": dict(ops), "matmulnbits": _matmulnbits(graph)}
     return contract
+
+
+def _matmulnbits(graph) -> list[dict]:
+    """The distinct settings of the graph's MatMulNBits nodes."""
+    types = {t.name: t.data_type for t in graph.initializer}
+    found = []
+    for node in graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        zero_points = node.input[3] if len(node.input) > 3 and node.input[3] else None
+        kind = None if zero_points is None else "float" if types.get(zero_points) in FLOAT_TYPES else "int"
+        settings = {"bits": attrs.get("bits", 4), "accuracy_level": attrs.get("accuracy_level", 0),
+                    "zero_points": kind}
+        if settings not in found:
+            found.append(settings)
+    return found
 
 
 def _special_ids(out: Path, config) -> dict:

@@ -63,8 +63,7 @@ class Model:
             if not prepacking:  # it would give each session its own repacked copy of every fp32 MatMul weight
                 options.add_session_config_entry("session.disable_prepacking", "1")
             path = self.manifest.path(self.manifest["graphs"][graph]["file"])
-            if self.manifest["graphs"][graph].get("quantized"):
-                quant.check(path, prepacking)
+            quant.check(self.manifest["graphs"][graph], prepacking)
             provider_options = [self.provider_options if p == self.providers[0] else {} for p in self.providers]
             try:
                 session = ort.InferenceSession(str(path), options, providers=self.providers,

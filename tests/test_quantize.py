@@ -13,7 +13,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import cli, hf_folder
 from export import migraphx_ref
-from export.artifacts import file_table
 from export.check import check, check_model
 from export.pipeline import ExportOptions, run
 from export.quality import BUDGET
@@ -105,7 +104,8 @@ def test_micro_int4_export_holds_the_budget(micro_int4):
     assert manifest["embeddings"]["dtype"] == "float16" and np.load(micro_int4 / "embed_tokens.npy").dtype == np.float16
     assert not (micro_int4 / "prefill.onnx.data").exists()  # both decoder graphs share decoder.onnx.data
     for graph in ("decoder", "prefill"):
-        assert manifest["graphs"][graph]["quantized"] == {"MatMulNBits": 29}
+        assert manifest["graphs"][graph]["quantized"] == {
+            "ops": {"MatMulNBits": 29}, "matmulnbits": [{"bits": 4, "accuracy_level": 4, "zero_points": None}]}
     assert check(micro_int4) == []
     assert manifest["verification"]["max_abs_errors"]  # the fp32 graphs were proven before quantization
 
@@ -128,8 +128,8 @@ def test_dequantizelinear_form_is_the_same_model(micro_int4, tmp_path):
     and MIGraphX parses and computes both forms (where its ref target is here)."""
     out = run(ExportOptions("micro", tmp_path / "dq", quant="int4", quant_form="dequantizelinear", verify=False))
     a, b = Manifest.load(micro_int4)["quantization"], Manifest.load(out)["quantization"]
-    assert b["scheme"]["form"] == "dequantizelinear" and Manifest.load(out)["graphs"]["decoder"]["quantized"] == {
-        "DequantizeLinear": 29}
+    assert b["scheme"]["form"] == "dequantizelinear" and Manifest.load(out)["graphs"]["decoder"]["quantized"][
+        "ops"] == {"DequantizeLinear": 29}
     for key in ("mean_kl", "top1", "ppl_ratio"):
         assert abs(a["quality"][key] - b["quality"][key]) < 1e-4, (key, a["quality"], b["quality"])
     assert check(out) == []
@@ -159,7 +159,7 @@ def test_a_missed_budget_keeps_more_at_8_bits(tmp_path, monkeypatch):
     out = run(ExportOptions("micro", tmp_path / "m", quant="int4", verify=False))
     manifest = Manifest.load(out)
     assert len(calls) == 3 and manifest["quantization"]["scheme"]["eight_bit"] == ["lm_head", "layers.0"]
-    assert manifest["graphs"]["decoder"]["quantized"] == {"MatMulNBits": 21, "DequantizeLinear": 8}
+    assert manifest["graphs"]["decoder"]["quantized"]["ops"] == {"MatMulNBits": 21, "DequantizeLinear": 8}
     graph = onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph
     types = {t.name: t.data_type for t in graph.initializer}
     assert {types[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear"} == {TensorProto.INT8}
@@ -167,49 +167,27 @@ def test_a_missed_budget_keeps_more_at_8_bits(tmp_path, monkeypatch):
     within_budget(manifest["quantization"]["quality"])
 
 
-def _tampered(src, dst, change):
-    shutil.copytree(src, dst)
-    graph = onnx.load(str(dst / "decoder.onnx"), load_external_data=False)
-    change(graph.graph)
-    onnx.save_model(graph, str(dst / "decoder.onnx"))
-    manifest = json.loads((dst / "manifest.json").read_text())
-    manifest["files"] = file_table(dst)
-    (dst / "manifest.json").write_text(json.dumps(manifest))
-    return dst
-
-
-def _first_nbits(graph):
-    return next(n for n in graph.node if n.op_type == "MatMulNBits")
-
-
 def test_slow_quantized_configurations_are_refused(micro_int4, tmp_path):
-    path = micro_int4 / "decoder.onnx"
-    assert slow_configuration(path, prepacking=True) is None
-    assert "prepacking disabled" in slow_configuration(path, prepacking=False)
-
-    def eight_bits(graph):
-        for attr in _first_nbits(graph).attribute:
-            if attr.name in ("bits", "accuracy_level"):
-                attr.i = 8 if attr.name == "bits" else 0
-
-    def float_zero_points(graph):
-        node = _first_nbits(graph)
-        n = next(a.i for a in node.attribute if a.name == "N")
-        graph.initializer.append(numpy_helper.from_array(np.zeros(n * 4, np.float32), "zp"))
-        node.input.append("zp")
-
-    for change, words in ((eight_bits, "8-bit weights without accuracy_level 4"),
-                          (float_zero_points, "float zero points")):
-        folder = _tampered(micro_int4, tmp_path / change.__name__, change)
-        with pytest.raises(ManifestError, match=words):
-            Model(Manifest.load(folder)).session("decoder")
-        done = cli("-m", "runtime.stream", "missing.mp4", "--graphs", str(folder))
-        assert done.returncode != 0
+    """From the contract the exporter wrote (the runtime reads no graph and needs no onnx): prepacking off, 8-bit
+    weights without accuracy_level 4, float zero points; at load, one line, and the CLI exits 1."""
+    manifest = Manifest.load(micro_int4)
+    contract = manifest["graphs"]["decoder"]
+    assert slow_configuration(contract, prepacking=True) is None
+    assert "prepacking disabled" in slow_configuration(contract, prepacking=False)
     clip = tmp_path / "w.mp4"
     assert cli("-m", "runtime.sample", str(clip), "--world", "--seconds", "2").returncode == 0
-    done = cli("-m", "runtime.stream", str(clip), "--graphs", str(tmp_path / "eight_bits"), "--out",
-               str(tmp_path / "x.vtt"), "--quiet")
-    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "8-bit" in done.stderr, done.stderr
+    for change, words in (({"bits": 8, "accuracy_level": 0}, "8-bit weights without accuracy_level 4"),
+                          ({"zero_points": "float"}, "float zero points")):
+        folder = tmp_path / words.split()[0]
+        shutil.copytree(micro_int4, folder)
+        data = json.loads((folder / "manifest.json").read_text())
+        data["graphs"]["decoder"]["quantized"]["matmulnbits"][0].update(change)
+        (folder / "manifest.json").write_text(json.dumps(data))
+        with pytest.raises(ManifestError, match=words):
+            Model(Manifest.load(folder)).session("decoder")
+        done = cli("-m", "runtime.stream", str(clip), "--graphs", str(folder), "--out", str(tmp_path / "x.vtt"),
+                   "--quiet")
+        assert done.returncode == 1 and done.stderr.count("\n") == 1 and words in done.stderr, done.stderr
 
 
 def test_real_width_int4_is_as_good_as_noise_of_its_size(tmp_path):
