@@ -113,7 +113,7 @@ def test_micro_int4_export_holds_the_budget(micro_int4):
 def test_micro_int4_stream_says_true_things(micro_int4, tmp_path):
     from runtime.accuracy import score, stream
 
-    table = score(stream(Model(Manifest.load(micro_int4), threads=2), seed=11, seconds=120)).row()
+    table = score(stream(Model(Manifest.load(micro_int4), threads=2), seed=11, seconds=60)).row()
     assert table["exact"] >= 0.9, table
     clip = tmp_path / "world.mp4"
     assert cli("-m", "runtime.sample", str(clip), "--world", "--seconds", "6", "--seed", "3").returncode == 0
@@ -191,7 +191,7 @@ def test_slow_quantized_configurations_are_refused(micro_int4, tmp_path):
 
 
 def test_real_width_int4_is_as_good_as_noise_of_its_size(tmp_path):
-    """The 4B widths (hidden 2560, FFN 9728, vocab 151,936), 2 decoder layers, random weights. There the end-to-end
+    """The 4B widths (hidden 2560, FFN 9728, vocab 151,936), 1 decoder layer, random weights. There the end-to-end
     numbers measure the random model's noise, not quantization quality (export/quality.py), so this test asks what
     they can answer: every matrix is within its rounding bound, and the int4 graphs are no further from fp32 than
     fp32 weights given unbiased Gaussian noise of the same size (|noise| = |W - Wq| per matrix). A wrong scale, a
@@ -200,7 +200,7 @@ def test_real_width_int4_is_as_good_as_noise_of_its_size(tmp_path):
     from export.pipeline import _quantize
 
     folder = hf_folder(tmp_path / "wide", "Qwen3-VL-4B", **{
-        "text_config.num_hidden_layers": 2, "vision_config.depth": 2, "vision_config.deepstack_visual_indexes": [0, 1]})
+        "text_config.num_hidden_layers": 1, "vision_config.depth": 1, "vision_config.deepstack_visual_indexes": [0]})
     fp32 = run(ExportOptions(str(folder), tmp_path / "fp32", random_weights=True, verify=False))  # the 3-layer
     noisy = tmp_path / "noisy"  # test above proves the fp32 graphs at these widths
     shutil.copytree(fp32, noisy)
@@ -224,4 +224,4 @@ def test_real_width_int4_is_as_good_as_noise_of_its_size(tmp_path):
         assert q["quality"][key] <= 1.5 * noise[key], (key, q["quality"], noise)
     if noise["ppl_ratio"] is not None:  # forced tokens the float model finds plausible (random: a few, or none)
         assert np.log(q["quality"]["ppl_ratio"]) <= 1.5 * abs(np.log(noise["ppl_ratio"])) + 0.01
-    assert q["quantized_matrices"] == 2 * 7 + 1 and q["quantized_bytes"] < 0.17 * q["float_bytes"]
+    assert q["quantized_matrices"] == 7 + 1 and q["quantized_bytes"] < 0.17 * q["float_bytes"]
