@@ -207,7 +207,7 @@ def quantize_folder(folder: Path, out: Path, scheme: Scheme, graphs=("decoder", 
         del model.graph.node[:]
         model.graph.node.extend(nodes)
         del model.graph.initializer[:]
-        model.graph.initializer.extend(_dedupe(keep))
+        model.graph.initializer.extend({t.name: t for t in keep}.values())  # a weight two nodes read: once
         _set_opsets(model)
     data.close()
     for graph, model in models.items():
@@ -217,15 +217,6 @@ def quantize_folder(folder: Path, out: Path, scheme: Scheme, graphs=("decoder", 
         f"{stats['quantized_bytes'] / 2**20:.0f} MiB; weight error |W - Wq| / |W| mean "
         f"{stats['weight_rel_error']['mean']:.4f}, max {stats['weight_rel_error']['max']:.4f}")
     return stats
-
-
-def _dedupe(tensors):
-    seen, out = set(), []
-    for t in tensors:
-        if t.name not in seen:
-            seen.add(t.name)
-            out.append(t)
-    return out
 
 
 def _bits_form(w: _Weight, scheme: Scheme) -> tuple[int, str]:
