@@ -79,13 +79,16 @@ def test_slow_commentator_keeps_a_bounded_lag_and_counts_every_drop(tiny_graphs,
     assert indices == sorted(set(indices)) and indices[-1] == 59  # media time kept; the last chunk is used
     assert [c["dropped"] for c in cues] == [index - k for k, index in enumerate(indices)]  # every skip counted
     assert 15 <= len(cues) <= 35, len(cues)  # about one chunk in two (one in three when a wait is needed)
-    lags = [c["lag"] for c in cues[1:]]  # the first includes the sessions' first run
-    # Steady state: the step (2 chunks) plus the wait for the newest chunk (< 1 chunk). Without dropping, the lag
-    # would grow by one chunk per chunk, to about 15 s at the end.
-    assert max(lags) < 5 * chunk, lags
-    assert sum(lags[-8:]) / 8 < sum(lags[:8]) / 8 + chunk, lags
+    lags = [c["lag"] for c in cues]
     stats = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
     assert [s["dropped"] for s in stats] == [c["dropped"] for c in cues]
+    # Steady state: a chunk waits for the step under way, then takes its own (each 2 chunks, or what the step
+    # really took on a busy machine: the stages' measured seconds), plus up to a chunk for the decoding thread.
+    # Without dropping, the lag would grow by one chunk per chunk, to about 15 s at the end.
+    busy = [max(step, sum(s["seconds"][k] for k in ("preprocess", "vision", "prefill", "decode"))) for s in stats]
+    for k in range(1, len(cues)):  # the first includes the sessions' first run
+        assert lags[k] < busy[k - 1] + busy[k] + chunk, (k, lags, busy)
+    assert sum(lags[-8:]) / 8 < sum(lags[1:9]) / 8 + chunk, lags
     assert {"decode_video", "wait", "vision"} <= set(stats[-1]["seconds"])
 
 
@@ -96,8 +99,12 @@ def test_realtime_file_follows_the_wall_clock(tiny_graphs, tmp_path, monkeypatch
                            "--seed", "1"], monkeypatch)
     cues, _ = cues_and_events(out.read_text().splitlines())
     assert [(c["start"], c["end"], c["dropped"]) for c in cues] == [(k, k + 1, 0) for k in range(4)]
-    for cue, at in zip(cues, written):  # each cue about one lag after its media end, on the wall clock
-        assert -0.3 < (at - written[0]) - (cue["end"] - cues[0]["end"]) < 1.0, (cues, written)
+    # Each chunk completed (its cue's write time less its lag) one media second after the one before, on the wall
+    # clock: the file is paced, not read ahead. Judged on arrivals, not on write times, so that a slow first step
+    # (the sessions' first run) or a busy machine does not move the reference.
+    arrived = [at - cue["lag"] for cue, at in zip(cues, written)]
+    for cue, at in zip(cues, arrived):
+        assert abs((at - arrived[0]) - (cue["end"] - cues[0]["end"])) < 0.3, (cues, written)
 
 
 class Run:
@@ -164,7 +171,9 @@ def _feed(write, close, data: bytes, seconds: float) -> threading.Thread:
 
 
 def _assert_follows_the_wall_clock(run: Run) -> None:
-    timed = run.cue_times()
+    # When each chunk completed (its cue's arrival less its lag): independent of how long the steps took, so a
+    # busy machine moves nothing but the lag.
+    timed = [(at - cue["lag"], cue) for at, cue in run.cue_times()]
     assert len(timed) >= 3, run.stderr
     first_at, first = timed[1]  # the first chunk also waits for the probe of the stream's start
     # The feed is paced by bytes, not by frames (a keyframe's bytes arrive late): hence a second of tolerance,
