@@ -1,6 +1,12 @@
-"""The StreamingVLM loop: per chunk, evict, re-position, encode the frames, prefill, decode a short reply."""
+"""The StreamingVLM loop: per chunk, evict, re-position, encode the frames, prefill, decode a short reply.
+
+`Commentator.turn` is one chunk as a generator that yields each decode step it needs (`Decode`) and is sent the
+logits back, so that a scheduler can run the decode steps of many streams as one batched call
+(runtime/batch.py); `Commentator.step` runs them one by one, alone.
+"""
 
 import time
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,8 +53,25 @@ class Reply:
     question: str | None = None  # asked in this chunk's user turn: the reply is its answer
 
 
+@dataclass
+class Decode:
+    """A stream's next decode step: one token's embedding [1, H] at `positions` [3, 1], its K/V to `slots` [1]."""
+    engine: HostEngine | StaticEngine
+    embeds: np.ndarray
+    positions: np.ndarray
+    slots: np.ndarray
+
+    def alone(self) -> np.ndarray:
+        """Run this step by itself (a decoder call of one row): the token's logits [V]."""
+        model = self.engine.model
+        deepstack = np.zeros((model.n_deepstack, 1, model.hidden), np.float32)
+        return self.engine.run(self.embeds, deepstack, self.positions, self.slots)
+
+
 class Commentator:
-    def __init__(self, model: Model, config: StreamConfig):
+    def __init__(self, model: Model, config: StreamConfig, batch=None):
+        """`batch` (runtime.batch.Batch): the stream's cache is a row of the batch's, so that its decode steps can
+        share calls with other streams'; None: a cache of its own."""
         manifest = model.manifest
         self.model, self.config = model, config
         self.prep, self.ids = manifest["preprocess"], manifest["tokens"]
@@ -59,6 +82,7 @@ class Commentator:
         text = manifest["text"]
         self.rope = Rope(text["inv_freq"], text["mrope_section"])
         self.engine: HostEngine | StaticEngine | None = None  # sized once the frame size is known
+        self.batch = batch
         self.chunks = 0
 
     def capacity(self, tokens_per_chunk: int) -> int:
@@ -77,7 +101,17 @@ class Commentator:
 
     def step(self, chunk: Chunk, question: str | None = None) -> Reply:
         """One chunk; `question` (a user's, asked since the last chunk) joins this chunk's user turn and the reply
-        answers it."""
+        answers it. Every decode step runs alone."""
+        turn = self.turn(chunk, question)
+        try:
+            step = next(turn)
+            while True:
+                step = turn.send(step.alone())
+        except StopIteration as done:
+            return done.value
+
+    def turn(self, chunk: Chunk, question: str | None = None) -> Generator[Decode, np.ndarray, Reply]:
+        """One chunk as `step` does it, but each decode step is yielded and its logits [V] are sent back."""
         seconds, t = {}, time.perf_counter()
         patches = patchify(chunk.frames, self.prep["patch_size"], self.prep["temporal_patch_size"],
                            self.prep["merge_size"], self.prep["image_mean"], self.prep["image_std"],
@@ -92,16 +126,22 @@ class Commentator:
         if self.engine is None:
             vision_tokens = len(patches) * grid[0] * grid[1]
             capacity = self.config.cache_capacity or self.capacity(vision_tokens)
-            self.engine = (StaticEngine(self.model, capacity, prefill=vision_tokens + SHELL_TOKENS)
-                           if self.config.static else HostEngine(self.model, capacity, self.rope))
+            if self.config.static and self.batch is not None and not self.config.cache_capacity:
+                capacity = -(-capacity // 256) * 256  # streams batch with those of the same capacity: round it
+            if self.config.static:
+                rows = self.batch.device_rows(capacity) if self.batch else None
+                self.engine = StaticEngine(self.model, capacity, vision_tokens + SHELL_TOKENS, rows)
+            else:
+                rows = self.batch.host_rows(capacity) if self.batch else None
+                self.engine = HostEngine(self.model, capacity, self.rope, rows)
         asked = None
         if question is not None:
             asked = self.prompter.encode(question)[:self.config.question_tokens or None]
         self._evict_and_add(chunk, len(patches), grid, asked)
         logits = self._prefill(vision_embeds, vision_deepstack)
         seconds["prefill"], t = time.perf_counter() - t, time.perf_counter()
-        tokens = self._decode(logits, self.config.answer_max_new_tokens if asked is not None else
-                              self.config.max_new_tokens)
+        tokens = yield from self._decode(logits, self.config.answer_max_new_tokens if asked is not None else
+                                         self.config.max_new_tokens)
         seconds["decode"] = time.perf_counter() - t
         self.chunks += 1
         return Reply(chunk.index, chunk.start, chunk.end, tokens, self.prompter.decode(tokens),
@@ -141,13 +181,18 @@ class Commentator:
         self._next_position = int(positions[0, -1]) + 1
         return engine.run(embeds, deepstack, positions, slots)
 
-    def _decode(self, logits: np.ndarray, max_new_tokens: int) -> list[int]:
+    def close(self) -> None:
+        """Free the stream's cache row (a batch's row goes to the next stream)."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+    def _decode(self, logits: np.ndarray, max_new_tokens: int) -> Generator[Decode, np.ndarray, list[int]]:
         """Up to max_new_tokens; every token but the last is fed at once, the last (or the cap's) at the next
         prefill, so that eviction happens before it is seen, as in the reference."""
         ctx, engine, model = self.context, self.engine, self.model
         seen = np.unique(ctx.tokens())  # the penalty counts each id once: reduce the context once per chunk
         reply = ctx.rounds[-1].reply = self._segment(np.zeros(0, np.int64))
-        zeros = np.zeros((model.n_deepstack, 1, model.hidden), np.float32)
         tokens = []
         for k in range(max_new_tokens):
             token = self.sampler(logits, np.concatenate([seen, tokens]).astype(np.int64))
@@ -159,6 +204,6 @@ class Commentator:
             if k == max_new_tokens - 1:
                 break
             position = np.full((3, 1), self._next_position, np.int64)
-            logits = engine.run(model.embed([token]), zeros, position, slot)
+            logits = yield Decode(engine, model.embed([token]), position, slot)
             self._next_position += 1
         return tokens

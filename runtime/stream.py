@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Where the graphs are and how they run: shared with the server (runtime/serve.py)."""
+    """Where the graphs are and how they run: shared with the server (runtime/serve/)."""
     p.add_argument("--graphs", help="an export folder or its name under graphs/ (default: the only export there)")
     p.add_argument("--provider", default="auto", help="auto, migraphx, cuda or cpu (default auto)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")

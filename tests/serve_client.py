@@ -17,7 +17,7 @@ import av
 import numpy as np
 
 from conftest import ROOT
-from runtime.push import HEADER
+from runtime.serve.push import HEADER
 
 
 class Server:
@@ -41,7 +41,9 @@ class Server:
         if not started.wait(timeout) or self.process.poll() is not None:
             self.stop()
             raise AssertionError(f"the server did not start: {''.join(self.log)}")
-        self.url = re.search(r"serving (http://\S+?)/? ", self.log[-1]).group(1)
+        # the line that says where it listens (a warning may be printed after it on a slow machine)
+        self.url = next(re.search(r"serving (http://\S+?)/? ", line).group(1) for line in list(self.log)
+                        if line.startswith("serving "))
 
     def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)

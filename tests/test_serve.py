@@ -116,7 +116,10 @@ def test_a_live_source_answers_questions_over_http_and_the_socket(tiny_graphs, t
     assert all(a["asked"] <= a["start"] and a["text"] is not None and "lag" in a for a in answers)
     assert [e for e in seen if e["type"] == "error"][0]["error"]["code"] == "invalid_question"
     cues = [m for m in seen if m["type"] in ("cue", "answer")]
-    assert len(cues) >= 5 and all("lag" in c and "dropped" in c for c in cues)
+    assert len(cues) >= 3 and all("lag" in c and "dropped" in c for c in cues)
+    # every chunk of the feed commented (an answer is a chunk's reply too) or counted as dropped: none lost, however
+    # slow the machine
+    assert len({round(c["start"] - k - c["dropped"], 6) for k, c in enumerate(cues)}) == 1, cues
     assert [(kind, data) for kind, data in events if kind in ("cue", "answer")] == \
         [(c["type"], {k: v for k, v in c.items() if k not in ("type", "event_id")}) for c in cues]
     statuses = [data for kind, data in events if kind == "status"]
@@ -186,7 +189,9 @@ def test_limits_and_misbehaving_clients_leave_the_other_stream_alone(tiny_graphs
     skipped = [data for kind, data in events if kind == "dropped"]  # each skip said when it happened
     assert sum(d["chunks"] for d in skipped) == cues[-1]["dropped"]
     assert all(d["before"] in [c["start"] for c in cues] for d in skipped)
-    assert len(cues) >= 4 and events[-1] == ("status", {"state": "ended"}) and "error" not in dict(events)
+    # how many were commented depends on the machine's speed; that the last one was, and every skip was counted,
+    # does not
+    assert len(cues) >= 2 and events[-1] == ("status", {"state": "ended"}) and "error" not in dict(events)
 
 
 def small_chunks(graphs, folder):
@@ -251,13 +256,13 @@ def test_sources_a_client_may_open():
 
 
 def test_a_stream_says_when_it_skipped_chunks_and_answers_in_turn(tmp_path):
-    """Stream.step on a scripted source and commentator: skipped chunks are an event before the next cue, a
+    """Stream.step on a scripted source and commentator turn: skipped chunks are an event before the next cue, a
     question is answered by the next chunk, the end is a state change, and the subtitles hold everything."""
     import threading
 
     from runtime.commentator import Reply
     from runtime.live import Arrival, Status
-    from runtime.sessions import Stream
+    from runtime.serve.streams import Stream
     from runtime.video import Chunk
 
     class Source:
@@ -271,9 +276,13 @@ def test_a_stream_says_when_it_skipped_chunks_and_answers_in_turn(tmp_path):
             return self.items.pop(0)
 
     class Commentator:
-        def step(self, chunk, question=None):
+        def turn(self, chunk, question=None):  # a chunk whose reply needs no decode step
             text = f"answer to {question} ..." if question else f"second {chunk.index} ..."
             return Reply(chunk.index, chunk.start, chunk.end, [], text, 10, {"decode": 0.1}, None, question)
+            yield
+
+        def close(self):
+            pass
 
     stream = Stream("s1", "tcp://cam", Commentator(), Source(), tmp_path, live=True)
     seen = []
@@ -317,7 +326,7 @@ def test_a_pushed_stream_ends_if_its_first_frame_never_comes():
     import threading
     import time
 
-    from runtime.push import PushedFrames
+    from runtime.serve.push import PushedFrames
 
     pushed, start = PushedFrames(first_frame_wait=0.3), time.monotonic()
     assert list(pushed.frames(threading.Event())) == [] and time.monotonic() - start < 5

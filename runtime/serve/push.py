@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import av
 
-from .video import AV_ERRORS, TimedFrame, error_text
+from ..video import AV_ERRORS, TimedFrame, error_text
 
 HEADER = struct.Struct("<d")
 JPEG_START = b"\xff\xd8"

@@ -1,12 +1,9 @@
-"""The server's streams: one model, many commentators, taking turns chunk by chunk on one worker thread.
+"""The server's streams: each one a commentator, its source, its questions, its subtitles and its events.
 
 Each `Stream` owns its commentator (context and KV cache), its source (read in its own thread by a LiveEdge), its
 pending questions, its subtitles on disk (VTT, SRT and JSON lines, written as the CLI writes them) and a log of
-events (cues, answers, status changes, errors) that any number of listeners follow. The `Scheduler` runs every
-model step on one thread: the sessions are shared, and ONNX Runtime already spreads one step over all cores, so
-steps in parallel would only contend. Each pass over the streams gives every stream with a chunk ready exactly
-one step, so no stream starves; a live stream whose turn comes late takes its newest chunk (the others are
-dropped and counted, as in the CLI).
+events (cues, answers, status changes, errors) that any number of listeners follow. Its `step` is run by the
+scheduler's thread only (scheduler.py).
 """
 
 import shutil
@@ -18,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .commentator import Commentator
-from .live import Arrival, LiveEdge, Status
+from ..commentator import Commentator, Decode
+from ..live import LiveEdge, Status
+from ..subtitles import FORMATS, CueWriter, clean_text
 from .push import PushedFrames
-from .subtitles import FORMATS, CueWriter, clean_text
 
 HISTORY = 2000  # events a listener that connects late (or falls behind) can still catch up on
 ACTIVE = ("starting", "running")
@@ -66,6 +63,8 @@ class Stream:
     first_start: float = 0.0
 
     def __post_init__(self):
+        self.pending: Decode | None = None  # the next decode step of the chunk under way
+        self._turn = self._item = self._question = None
         self._lock = threading.Lock()
         self._events: deque[Event] = deque(maxlen=HISTORY)
         self._next_id = 0
@@ -120,30 +119,33 @@ class Stream:
 
     # Run by the scheduler's thread only.
     def step(self) -> bool:
-        """Take what the source has ready and handle it: a status event, or one chunk commented. False if there
-        was nothing to do."""
+        """Take what the source has ready and handle it: a status event, or one chunk commented with every decode
+        step run alone (the unbatched scheduler). False if there was nothing to do."""
+        if self.begin() is None:
+            return False
+        while self.pending is not None:
+            self.resume(self.pending.alone())
+        return True
+
+    def begin(self) -> str | None:
+        """Take what the source has ready: "status" (a status event published) or "chunk" (its turn has started:
+        frames encoded, prompt prefilled, and its first decode step waits in `pending`, or its cue is out already);
+        None if there was nothing to do."""
         try:
             item = self.edge.take(0)
         except StopIteration:
             self.finish("ended")
-            return False
+            return None
         except Exception as error:  # a VideoError from the reader: the source cannot go on
             self.finish("failed", str(error))
-            return False
+            return None
         if item is None:
-            return False
+            return None
         if isinstance(item, Status):
             event = {"status": item.event, "source": item.source, **item.detail}
             self.writers["jsonl"].status(event)
             self.publish("status", event)
-            return True
-        try:
-            self._comment(item)
-        except Exception as error:  # e.g. CacheFull: this stream ends, the others go on
-            self.finish("failed", str(error).splitlines()[0] if str(error) else type(error).__name__)
-        return True
-
-    def _comment(self, item: Arrival) -> None:
+            return "status"
         if self.state == "starting":
             self._set_state("running")
             self.began, self.first_start = time.perf_counter(), item.chunk.start
@@ -151,8 +153,29 @@ class Stream:
             self.publish("dropped", {"chunks": item.dropped - self.dropped, "dropped": item.dropped,
                                      "before": round(item.chunk.start, 3)})
             self.dropped = item.dropped
-        question = self.questions.popleft() if self.questions else None
-        reply = self.commentator.step(item.chunk, question.text if question else None)
+        self._item = item
+        self._question = self.questions.popleft() if self.questions else None
+        turn = self.commentator.turn(item.chunk, self._question.text if self._question else None)
+        self._advance(lambda: next(turn), turn)
+        return "chunk"
+
+    def resume(self, logits) -> None:
+        """The logits of the pending decode step: the turn goes on to its next step, or its cue goes out."""
+        self._advance(lambda: self._turn.send(logits), self._turn)
+
+    def _advance(self, move, turn) -> None:
+        self._turn = turn
+        try:
+            self.pending = move()
+        except StopIteration as done:
+            self.pending = self._turn = None
+            self._publish(done.value)
+        except Exception as error:  # e.g. CacheFull: this stream ends, the others go on
+            self.pending = self._turn = None
+            self.finish("failed", str(error).splitlines()[0] if str(error) else type(error).__name__)
+
+    def _publish(self, reply) -> None:
+        item, question = self._item, self._question
         extra = {}
         if self.live:
             lag = time.monotonic() - item.arrived
@@ -178,6 +201,9 @@ class Stream:
         if self.finished:
             return
         self.edge.stop.set()
+        self.pending = self._turn = None
+        if self.commentator is not None:
+            self.commentator.close()  # its cache row is free for another stream
         self.commentator = None  # its context and KV cache go now; the subtitles stay on disk
         for writer in self.writers.values():
             writer.close()
@@ -187,85 +213,3 @@ class Stream:
 
     def remove_files(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
-
-
-class Scheduler:
-    """One worker thread that gives every active stream one step per pass."""
-
-    def __init__(self):
-        self.streams: dict[str, Stream] = {}  # every stream not yet deleted, finished ones too (their files stay)
-        self._lock = threading.Lock()
-        self._retiring: list[Stream] = []
-        self._stopping: list[Stream] = []
-        self.wake = threading.Event()
-        self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
-        self._thread.start()
-
-    def active(self) -> int:
-        with self._lock:
-            return sum(not s.finished for s in self.streams.values())
-
-    def add(self, stream: Stream) -> None:
-        with self._lock:
-            self.streams[stream.id] = stream
-        self.wake.set()
-
-    def get(self, id: str) -> Stream | None:
-        with self._lock:
-            return self.streams.get(id)
-
-    def all(self) -> list[Stream]:
-        with self._lock:
-            return list(self.streams.values())
-
-    def stop(self, stream: Stream) -> None:
-        """End the stream before its next pass; its subtitles stay until it is deleted."""
-        with self._lock:
-            self._stopping.append(stream)
-        stream.edge.stop.set()
-        self.wake.set()
-
-    def delete(self, id: str) -> Stream | None:
-        """Forget the stream; the worker ends it before its next pass and removes its files."""
-        with self._lock:
-            stream = self.streams.pop(id, None)
-            if stream is not None:
-                self._retiring.append(stream)
-        if stream is not None:
-            stream.edge.stop.set()
-            self.wake.set()
-        return stream
-
-    def _retire(self) -> None:
-        """Stopped and deleted streams end here, on the worker's thread, between two steps."""
-        with self._lock:
-            stopping, self._stopping = self._stopping, []
-            retiring, self._retiring = self._retiring, []
-        for stream in stopping:
-            stream.finish("stopped")
-        for stream in retiring:
-            stream.finish("deleted")
-            stream.remove_files()
-
-    def _run(self) -> None:
-        while True:
-            self.wake.clear()
-            self._retire()
-            if self._closing.is_set():
-                return
-            with self._lock:
-                streams = [s for s in self.streams.values() if not s.finished]
-            busy = False
-            for stream in streams:
-                busy |= stream.step()
-            if not busy:
-                self.wake.wait(0.2)
-
-    def close(self) -> None:
-        """Stop every stream and the worker; the files stay (the server removes a temporary data folder)."""
-        for stream in self.all():
-            self.stop(stream)
-        self._closing.set()
-        self.wake.set()
-        self._thread.join(timeout=30)
