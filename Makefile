@@ -10,7 +10,7 @@ EXPORT_FLAGS = --model $(MODEL) --dtype $(DTYPE) $(if $(OUT),--out $(OUT)) \
 	$(if $(RANDOM_WEIGHTS),--random-weights) $(if $(FORCE),--force) $(if $(NO_VERIFY),--no-verify) \
 	$(if $(QUANT),--quant $(QUANT)) $(if $(QUANT_FORM),--quant-form $(QUANT_FORM))
 
-.PHONY: setup export check demo train-micro micro-accuracy test bench soak gpu-check clean
+.PHONY: setup export check demo train-micro micro-accuracy test bench bench-streams soak gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,12 @@ test: setup
 bench: setup
 	$(BIN)/python -m pip install -q -e '.[export,dev,bench]'
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.streams
+
+# Only the "streams" section (batched decode steps, the server with N streams batched and unbatched).
+bench-streams: setup
+	$(BIN)/python -m pip install -q -e '.[export,dev,bench]'
+	$(BIN)/python -m bench.streams
 
 soak: setup
 	$(BIN)/python -m pip install -q -e '.[export,dev,bench]'

@@ -29,6 +29,7 @@ from runtime.sample import write_clip
 from . import measure
 from .e2e import GREEDY, _chunks
 from .models import build_exports
+from .streams import decode_rows
 
 
 class DeviceMemory:
@@ -122,6 +123,14 @@ def main(argv=None) -> int:
             replies[dtype], report[dtype] = stream(model, clip, args.seconds)
         report[dtype]["peak_device_memory_mib"] = memory.peak_mib
         report[dtype]["decode_ms_by_cache"] = {n: measure.static_step_ms(model, n) for n in (1024, 4096, 16384)}
+        # the server's batched decode step at each batch size (4k cached tokens per row), and the bytes MIGraphX's
+        # in-place ScatterND copies per step (the rows' whole caches onto themselves; ONNX Runtime's CUDA kernel
+        # skips the copy when input and output alias)
+        rows = decode_rows(model, cached=(4096,), rounds=3, static=True)[4096]
+        slots = 4096 + 64 + 1  # decode_rows' capacity and the scratch slot
+        per_row = 3 * model.layers * model.kv_heads * model.head_dim * np.dtype(model.cache_dtype).itemsize * slots
+        report[dtype]["batched_decode_4k"] = {b: {**r, "scatter_copy_bytes_if_migraphx": b * 2 * per_row}
+                                              for b, r in rows.items()}
         report[dtype]["nodes_by_provider"] = {graph: node_placement(model, providers, options, 4096, new)
                                               for graph, new in (("decoder", 1), ("prefill", 64))}
         report["setup"] = {**wide.describe(), "frame": [1280, 720], "seconds": args.seconds}

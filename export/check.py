@@ -1,7 +1,7 @@
 """Graph lint: would every node run as exported, with static shapes, on the MIGraphX execution provider?
 
     python -m export.check graphs/NAME
-    python -m export.check graphs/NAME --migraphx [--frame 64x96] [--capacity N]   # also on MIGraphX itself
+    python -m export.check graphs/NAME --migraphx [--frame 64x96] [--capacity N] [--batch-sizes 1,2,4,8]
 
 Checks every node of every graph in the manifest: op types MIGraphX takes (and no control flow or NonZero),
 shape-like inputs (Reshape shape, Slice bounds, Expand shape, ...) that derive from constants or `Shape` only,
@@ -113,6 +113,8 @@ def main(argv=None) -> int:
                         help="also parse, compile and run every graph on MIGraphX's ref target (CPU)")
     parser.add_argument("--frame", default="64x96", help="frame HEIGHTxWIDTH in pixels the static shapes follow")
     parser.add_argument("--capacity", type=int, help="KV cache slots (default: what the stream would choose)")
+    parser.add_argument("--batch-sizes", default="1,2,4,8",
+                        help="the batch sizes of the server's batched decode step (its --batch-sizes)")
     args = parser.parse_args(argv)
     try:
         problems = check(args.graphs)
@@ -129,7 +131,8 @@ def main(argv=None) -> int:
             frame = tuple(int(x) for x in args.frame.lower().split("x"))
             if len(frame) != 2:
                 raise ValueError(f"--frame {args.frame!r} is not HEIGHTxWIDTH")
-            _, problems = migraphx_ref.check(Manifest.load(args.graphs), frame, args.capacity)
+            batches = tuple(int(b) for b in args.batch_sizes.split(",") if b.strip())
+            _, problems = migraphx_ref.check(Manifest.load(args.graphs), frame, args.capacity, batches=batches)
         except (migraphx_ref.Unavailable, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1

@@ -4,7 +4,8 @@
 
 Each graph is parsed with exactly the static input dims the runtime's static path fixes (the vision encoder for
 one temporal patch of a frame size, `prefill.onnx` over that chunk's vision tokens + SHELL_TOKENS, `decoder.onnx`
-over one token, the cache capacity plus its scratch slot, `cache_write` for both step sizes, `cache_rope`),
+over one token at every batch size of the batched decode step (1, 2, 4, 8), the cache capacity plus its scratch
+slot, `cache_write` for both step sizes, `cache_rope`),
 compiled for the `ref` target (plain C++ reference kernels) and run on the same random inputs as ONNX Runtime's
 CPU provider; every output must agree within the export's budget for its dtype (`verify.RTOL`), integer outputs
 exactly. The report names, per graph, how MIGraphX's parser rewrote each ONNX op (e.g. Expand -> multibroadcast)
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from runtime.batch import BUCKETS
 from runtime.commentator import SHELL_TOKENS, Commentator, StreamConfig
 from runtime.manifest import Manifest
 from runtime.model import DTYPES, Model
@@ -58,7 +60,7 @@ class Case:
 
     @property
     def label(self) -> str:
-        fixed = ", ".join(f"{k}={v}" for k, v in sorted(self.dims.items()) if k != "batch")
+        fixed = ", ".join(f"{k}={v}" for k, v in sorted(self.dims.items()) if k != "batch" or v != 1)
         return f"{self.graph}.onnx ({fixed})"
 
 
@@ -74,8 +76,9 @@ class Result:
     notes: list = field(default_factory=list)
 
 
-def static_cases(manifest: Manifest, frame=FRAME, capacity: int | None = None) -> list[Case]:
-    """The session shapes the static path creates for a video of `frame` pixels, as StaticEngine sizes them."""
+def static_cases(manifest: Manifest, frame=FRAME, capacity: int | None = None, batches=BUCKETS) -> list[Case]:
+    """The session shapes the static path creates for a video of `frame` pixels, as StaticEngine sizes them, and
+    the decoder at every batch size the server's batched decode step compiles (`batches`)."""
     prep = manifest["preprocess"]
     p, m = prep["patch_size"], prep["merge_size"]
     if frame[0] % (p * m) or frame[1] % (p * m):
@@ -89,7 +92,7 @@ def static_cases(manifest: Manifest, frame=FRAME, capacity: int | None = None) -
         raise ValueError(f"a cache of {capacity} slots cannot take a prefill of {prefill} tokens")
     return [Case("vision", {"frames": 1, "patches": grid_h * grid_w}, (grid_h, grid_w)),
             Case("prefill", {"batch": 1, "past": past, "new": prefill}),
-            Case("decoder", {"batch": 1, "past": past, "new": 1}),
+            *(Case("decoder", {"batch": b, "past": past, "new": 1}) for b in sorted({1, *batches})),
             Case("cache_write", {"past": past, "new": prefill}),
             Case("cache_write", {"past": past, "new": 1}),
             Case("cache_rope", {"past": past})]
@@ -117,7 +120,7 @@ def random_feeds(manifest: Manifest, case: Case, rng) -> dict:
         elif name in ("past_mask", "mask"):
             feeds[name] = rng.integers(0, 2, shape)
         elif name == "new_mask":  # a left-padded chunk, as the static prefill sends it
-            feeds[name] = (np.arange(shape[-1]) >= min(2, shape[-1] - 1)).astype(np.int64).reshape(shape)
+            feeds[name] = np.broadcast_to(np.arange(shape[-1]) >= min(2, shape[-1] - 1), shape).astype(np.int64)
         else:
             feeds[name] = rng.standard_normal(shape, dtype=np.float32)
     dtypes = {v["name"]: v["dtype"] for v in manifest["graphs"][case.graph]["inputs"]}
@@ -264,12 +267,12 @@ def in_place_write(migraphx, model: Model, case: Case, rng) -> list[str]:
 
 
 def check(manifest: Manifest, frame=FRAME, capacity: int | None = None, seed: int = 0,
-          log=print) -> tuple[list, list[str]]:
+          log=print, batches=BUCKETS) -> tuple[list, list[str]]:
     """Every graph at every static shape set: (results, problems). Raises Unavailable without the module."""
     migraphx = load()
     model, rng = Model(manifest), np.random.default_rng(seed)
     results, problems = [], []
-    for case in static_cases(manifest, frame, capacity):
+    for case in static_cases(manifest, frame, capacity, batches):
         result = run_case(migraphx, model, case, random_feeds(manifest, case, rng))
         if case.graph == "cache_write" and not result.problems:
             result.problems += in_place_write(migraphx, model, case, rng)

@@ -50,9 +50,20 @@ class Batch:
         blocks = self._device.setdefault(capacity, [])
         free = [b for b in blocks if not all(b.taken)]
         if not free:
+            self._release()
+            blocks = self._device.setdefault(capacity, [])
             blocks.append(DeviceRows(self.model, capacity, self.block))
             free = blocks[-1:]
         return free[0]
+
+    def _release(self) -> None:
+        """Free the device memory of blocks no stream uses (capacities follow streams' settings: without this,
+        streams of ever new sizes would leave their caches behind)."""
+        for capacity, blocks in list(self._device.items()):
+            self._device[capacity] = [b for b in blocks if any(b.taken)]
+            if not self._device[capacity]:
+                del self._device[capacity]
+                self._calls = {key: call for key, call in self._calls.items() if key[0] != capacity}
 
     def decode(self, steps: list[Decode]) -> list[np.ndarray]:
         """Run every stream's next decode step (one per stream); the logits [V] of each, in order."""

@@ -225,6 +225,14 @@ class StaticEngine:
         self.rows = rows if rows is not None else DeviceRows(model, capacity)
         assert self.rows.capacity == capacity, "a shared cache serves streams of one capacity"
         self.row = self.rows.attach()
+        try:
+            self._setup(model, capacity, prefill)
+        except BaseException:  # a session that cannot load: the row goes back
+            self.rows.detach(self.row)
+            raise
+        self.host_bytes = 0  # bytes copied between host and device by run(): bounded by the new tokens
+
+    def _setup(self, model: Model, capacity: int, prefill: int) -> None:
         self.scratch = capacity  # the row's extra slot
         cap = capacity + 1
         self.device, self.device_id = model.device, model.device_id
@@ -240,7 +248,6 @@ class StaticEngine:
         for i in range(model.layers):
             self.rows.bind(self.rotate[1], f"key_raw.{i}", f"key_raw.{i}", self.row)
             self.rows.bind(self.rotate[1], f"key.{i}", f"key.{i}", self.row, output=True)
-        self.host_bytes = 0  # bytes copied between host and device by run(): bounded by the new tokens
 
     def new_buffers(self, n: int, batch: int = 1) -> dict:
         """Device buffers for a step's new K/V: new_{part}.{i} [batch, kv, n, hd]."""
@@ -316,10 +323,12 @@ class StaticEngine:
         writer.bind_cpu_input("slots", slots)
         writer.bind_cpu_input("new_mask", real)
         self.host_bytes += slots.nbytes + real.nbytes
-        session.run_with_iobinding(writer)
-        if new is not None:  # back to this engine's own buffers for its next single step
-            for name, value in self.new[n].items():
-                writer.bind_ortvalue_input(name, value)
+        try:
+            session.run_with_iobinding(writer)
+        finally:
+            if new is not None:  # back to this engine's own buffers for its next single step
+                for name, value in self.new[n].items():
+                    writer.bind_ortvalue_input(name, value)
         written = slots[real == 1]
         self.pool.positions[:, written] = positions[:, real == 1]
         self.pool.written[written] = True

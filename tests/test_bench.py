@@ -68,3 +68,20 @@ def test_vision_flops_match_torch_flop_counter(tiny_graphs):
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         hf.model.visual(torch.randn(frames * grid_h * grid_w, row), torch.tensor([[frames, grid_h, grid_w]]))
     assert vision_flops(Model(Manifest.load(tiny_graphs)), grid_h, grid_w, frames) == counter.get_total_flops()
+
+
+def test_streams_bench_measures_batched_steps_and_a_server(tiny_graphs, tmp_path):
+    """bench/streams.py's two measurements, on tiny: well-formed, the batch really shared (never timings)."""
+    from bench.streams import decode_rows, real_time, serve_run
+    from runtime.manifest import Manifest
+    from runtime.model import Model
+    from runtime.sample import write_clip
+
+    steps = decode_rows(Model(Manifest.load(tiny_graphs)), rows=(1, 2, 4), cached=(32,), rounds=2)[32]
+    assert sorted(steps) == [1, 2, 4] and steps[1]["ratio"] == 1.0
+    assert all(s["ms"] > 0 and s["tokens_per_s"] > 0 and len(s["ratio_range"]) == 2 for s in steps.values())
+    clip = write_clip(tmp_path / "clip.mp4", 3, 64, 64, 4)
+    row = serve_run(tiny_graphs, clip, 2, True, threads=2, seconds=3)
+    assert row["streams"] == 2 and len(row["dropped"]) == 2 and row["media_per_wall_second"] > 0
+    assert row["mean_batch"] is not None and row["lag_p90"] is not None
+    assert real_time([row], True, chunk=1e9) in (0, 2)

@@ -33,6 +33,7 @@ def test_every_graph_matches_onnx_runtime_on_migraphx(export, request):
     assert problems == []
     graphs = {r.case.graph for r in results}
     assert graphs == set(manifest["graphs"])  # all five graphs, cache_write for both step sizes
+    assert [r.case.dims["batch"] for r in results if r.case.graph == "decoder"] == [1, 2, 4, 8]  # batched decode
     for result in results:
         outputs = [v["name"] for v in manifest["graphs"][result.case.graph]["outputs"]]
         assert list(result.errors) == outputs  # every output compared
@@ -49,7 +50,8 @@ def test_every_graph_matches_onnx_runtime_on_migraphx(export, request):
 @needs_migraphx
 def test_the_export_proves_itself_on_migraphx(tiny_graphs):
     proof = Manifest.load(tiny_graphs)["verification"]["migraphx_ref"]
-    assert isinstance(proof, dict) and len(proof) == 6 and max(max(e.values()) for e in proof.values()) < 1e-4
+    assert isinstance(proof, dict) and len(proof) == 9 and max(max(e.values()) for e in proof.values()) < 1e-4
+    assert any(label.startswith("decoder.onnx (batch=8,") for label in proof)  # the largest batched decode step
 
 
 @needs_migraphx

@@ -13,6 +13,7 @@ none starves and none waits for the slowest reply of a batch. Unbatched (--no-ba
 stream with a chunk ready its whole chunk, decode steps one at a time.
 """
 
+import sys
 import threading
 
 from ..batch import Batch
@@ -24,7 +25,7 @@ class Scheduler:
 
     def __init__(self, batch: Batch | None = None):
         self.batch = batch
-        self._next = 0  # round robin over the streams waiting to start a chunk
+        self._last: str | None = None  # the stream that started a chunk last (round robin)
         self.streams: dict[str, Stream] = {}  # every stream not yet deleted, finished ones too (their files stay)
         self._lock = threading.Lock()
         self._retiring: list[Stream] = []
@@ -88,7 +89,11 @@ class Scheduler:
                 return
             with self._lock:
                 streams = [s for s in self.streams.values() if not s.finished]
-            busy = self._batched(streams) if self.batch is not None else self._alone(streams)
+            try:
+                busy = self._batched(streams) if self.batch is not None else self._alone(streams)
+            except Exception as error:  # a bug must not stop every stream: say it, wait, go on
+                print(f"scheduler: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+                busy = False
             if not busy:
                 self.wake.wait(0.2)
 
@@ -111,13 +116,16 @@ class Scheduler:
                 for stream, row in zip(decoding, logits):
                     stream.resume(row)
         busy = bool(decoding)
-        waiting = [s for s in streams if s.pending is None and not s.finished]
-        for k in range(len(waiting)):
-            stream = waiting[(self._next + k) % len(waiting)]
+        ids = [s.id for s in streams]  # creation order; the round robin goes on after the last stream started
+        after = ids.index(self._last) if self._last in ids else -1
+        for k in range(1, len(streams) + 1):
+            stream = streams[(after + k) % len(streams)]
+            if stream.pending is not None or stream.finished:
+                continue
             began = stream.begin()
             busy |= began is not None
             if began == "chunk":  # one prefill per pass; status events cost nothing and are all handled
-                self._next = (self._next + k + 1) % max(len(waiting), 1)
+                self._last = stream.id
                 break
         return busy
 

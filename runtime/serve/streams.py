@@ -124,7 +124,7 @@ class Stream:
         if self.begin() is None:
             return False
         while self.pending is not None:
-            self.resume(self.pending.alone())
+            self._advance(lambda: self._turn.send(self.pending.alone()), self._turn)
         return True
 
     def begin(self) -> str | None:
@@ -166,11 +166,12 @@ class Stream:
     def _advance(self, move, turn) -> None:
         self._turn = turn
         try:
-            self.pending = move()
-        except StopIteration as done:
-            self.pending = self._turn = None
-            self._publish(done.value)
-        except Exception as error:  # e.g. CacheFull: this stream ends, the others go on
+            try:
+                self.pending = move()
+            except StopIteration as done:
+                self.pending = self._turn = None
+                self._publish(done.value)
+        except Exception as error:  # e.g. CacheFull, or a full disk: this stream ends, the others go on
             self.pending = self._turn = None
             self.finish("failed", str(error).splitlines()[0] if str(error) else type(error).__name__)
 
