@@ -89,7 +89,7 @@ def serve_run(graphs: Path, clip: Path, streams: int, batched: bool, threads: in
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")])))
     flags = ["--graphs", str(graphs), "--port", "0", "--max-streams", str(streams), "--threads", str(threads)]
-    process = subprocess.Popen([sys.executable, "-m", "runtime.serve", *flags, *([] if batched else ["--no-batch"])],
+    process = subprocess.Popen([sys.executable, "-m", "runtime.serve", *flags, "--batch" if batched else "--no-batch"],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         line = ""

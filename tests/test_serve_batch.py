@@ -44,7 +44,7 @@ def alone(graphs, clip, k: int, questions: dict[int, str], server_flags: list[st
     return out
 
 
-@pytest.mark.parametrize("flags", [[], ["--static", "--cache-capacity", "1500"], ["--no-batch"]],
+@pytest.mark.parametrize("flags", [["--batch"], ["--batch", "--static", "--cache-capacity", "1500"], ["--no-batch"]],
                          ids=["batched", "batched-static", "no-batch"])
 def test_streams_served_together_write_what_each_writes_alone(tiny_graphs, tmp_path, flags):
     clips = [write_clip(tmp_path / f"clip{k}.mp4", SECONDS, w, h, 4) for k, (w, h) in enumerate(SIZES)]
@@ -77,7 +77,7 @@ def test_streams_served_together_write_what_each_writes_alone(tiny_graphs, tmp_p
         assert batch is None
     else:  # the streams overlapped and shared decode calls
         assert batch["rows_decoded"] > 1.2 * batch["decode_calls"], batch
-    static = [f for f in flags if f != "--no-batch"]
+    static = [f for f in flags if f not in ("--batch", "--no-batch")]
     for k, (clip, written) in enumerate(zip(clips, lines)):
         assert len(written) == SECONDS  # a file not played live: every chunk commented
         asked = {round(line["start"]): line["question"] for line in written if "question" in line}

@@ -37,7 +37,7 @@ class Server(Following):
         self.args, self.manifest, self.model = args, manifest, model
         self.max_streams, self.data_dir = max_streams, data_dir
         self.allowed = allowed_sources(args)
-        batch = None if args.no_batch else Batch(model, bool(args.static), batch_sizes(args), max_streams)
+        batch = None if not args.batch else Batch(model, bool(args.static), batch_sizes(args), max_streams)
         self.scheduler = Scheduler(batch)
         self.closing = False
         (data_dir / "uploads").mkdir(parents=True, exist_ok=True)

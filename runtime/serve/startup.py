@@ -36,7 +36,7 @@ def measured_max_streams(model, manifest: Manifest, args) -> int:
         return 1
     defaults = cli.parse_args(["push"])
     defaults.static = args.static
-    width = 1 if args.no_batch else batch_sizes(args)[-1]
+    width = batch_sizes(args)[-1] if args.batch else 1
     batch = Batch(model, bool(args.static), batch_sizes(args), width)
     commentators = [Commentator(model, cli.config_from(defaults), batch) for _ in range(width)]
     height, width_px = cli.chunking(defaults, manifest)["resize"](360, 640)
@@ -61,6 +61,8 @@ async def serve(args) -> None:
     manifest = Manifest.load(cli.find_graphs(args.graphs))
     providers, options = cli.session_setup(args)
     model = Model(manifest, providers, args.threads, options)
+    if args.batch is None:  # batched decode pays where weights are read per step (GPUs); measured slower on the CPU
+        args.batch = providers[0] != PROVIDERS["cpu"]
     max_streams = args.max_streams or measured_max_streams(model, manifest, args)
     if not args.token and args.host not in LOCAL_HOSTS:
         print(f"warning: {args.host} without --token: anyone who reaches this port can make the server open URLs "
