@@ -79,6 +79,8 @@ class Batch:
                 members = members[len(run):]
                 run_steps = [steps[k] for k in picked]
                 out = self._static(run_steps) if self.static else self._host_run(run_steps)
+                self.steps += 1
+                self.rows_decoded += len(run_steps)
                 for k, row_logits in zip(picked, out):
                     logits[k] = row_logits
         return logits
@@ -96,8 +98,6 @@ class Batch:
             own = step.engine.past_mask()
             mask[j, :len(own)] = own
         deepstack = np.zeros((model.n_deepstack, batch, 1, model.hidden), model.float_dtype)
-        self.steps += 1
-        self.rows_decoded += len(steps)
         return embeds, deepstack, positions, mask, np.ones((batch, 1), np.int64)
 
     def _host_run(self, steps: list[Decode]) -> list[np.ndarray]:
@@ -136,10 +136,7 @@ class Batch:
             model = self.model
             session = model.session("decoder", {"batch": bucket, "past": rows.slots, "new": 1})
             binding = session.io_binding()
-            shape = [bucket, model.kv_heads, 1, model.head_dim]
-            new = {f"new_{part}.{i}": ort.OrtValue.ortvalue_from_shape_and_type(shape, model.cache_dtype,
-                                                                                rows.device, rows.device_id)
-                   for part in DeviceRows.PARTS for i in range(model.layers)}
+            new = rows.new_buffers(1, bucket)
             for name, value in new.items():
                 binding.bind_ortvalue_output(name, value)
             vocab = model.manifest["text"]["vocab_size"]

@@ -206,6 +206,13 @@ class DeviceRows:
     def detach(self, row: int) -> None:
         self.taken[row] = False
 
+    def new_buffers(self, n: int, batch: int = 1) -> dict:
+        """Device buffers for a step's new K/V: new_{part}.{i} [batch, kv, n, hd]."""
+        shape = [batch, self.model.kv_heads, n, self.model.head_dim]
+        return {f"new_{part}.{i}": ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device,
+                                                                             self.device_id)
+                for part in self.PARTS for i in range(self.model.layers)}
+
     def bind(self, binding, name: str, buffer: str, row: int, count: int = 1, output: bool = False) -> None:
         """Bind graph input (or output) `name` to rows [row, row + count) of `buffer` (e.g. "key.3")."""
         shape = [count, self.model.kv_heads, self.slots, self.model.head_dim]
@@ -249,18 +256,11 @@ class StaticEngine:
             self.rows.bind(self.rotate[1], f"key_raw.{i}", f"key_raw.{i}", self.row)
             self.rows.bind(self.rotate[1], f"key.{i}", f"key.{i}", self.row, output=True)
 
-    def new_buffers(self, n: int, batch: int = 1) -> dict:
-        """Device buffers for a step's new K/V: new_{part}.{i} [batch, kv, n, hd]."""
-        model, shape = self.model, [batch, self.model.kv_heads, n, self.model.head_dim]
-        return {f"new_{part}.{i}": ort.OrtValue.ortvalue_from_shape_and_type(shape, model.cache_dtype, self.device,
-                                                                             self.device_id)
-                for part in DeviceRows.PARTS for i in range(model.layers)}
-
     def _bind(self, n: int) -> list:
         """(session, binding) of the decoder and of cache_write for steps of n new tokens; the new K/V pass between
         them through device buffers, and cache_write's outputs alias the cache it reads (written in place)."""
         model, rows, cap = self.model, self.rows, self.rows.slots
-        new = self.new[n] = self.new_buffers(n)
+        new = self.new[n] = rows.new_buffers(n)
         decoder_session = model.session(model.step_graph(n), {"batch": 1, "past": cap, "new": n})
         decoder = decoder_session.io_binding()
         decoder.bind_ortvalue_input("past_mask", self.mask)
