@@ -5,7 +5,8 @@
 1. Decode step at B = 1, 2, 4, 8 rows, 1k and 4k cached tokens per row, real widths (4 layers), fp32 and int4:
    `runtime.batch.Batch.decode` over B streams' engines sharing one cache (host overhead included), B taken in
    alternation round after round so that the machine's drift hits every B alike; ratios to B = 1 per round,
-   reported as the median with its range.
+   reported as the median with its range. Beside it, whether a prefill of B rows costs less than B prefills (the
+   prefill graph called directly, micro and the int4 real widths).
 2. The server with N concurrent live streams (`python -m runtime.serve`, files played with "realtime"), batched and
    --no-batch alternately in the same run: per-stream lag median / p90 (first cue left out), dropped chunks, and the
    media seconds commented per wall second over all streams. Micro on a clip of its world; the real widths in int4 at
@@ -34,7 +35,7 @@ from runtime.rope import Rope
 ROWS = (1, 2, 4, 8)
 CACHED = (1024, 4096)
 ROUNDS = 5
-MICRO_STREAMS = (1, 8, 16, 32, 48)
+MICRO_STREAMS = (1, 8, 16, 32, 48, 64)
 WIDE_STREAMS = (1, 2, 4)
 SECONDS = 20  # media per server run
 
@@ -81,6 +82,34 @@ def decode_rows(model, rows=ROWS, cached=CACHED, rounds=ROUNDS, static: bool = F
         for engine in engines:
             engine.close()
     return out
+
+
+def prefill_rows(model, rows=(1, 2, 4), new: int = 128, cached: int = 1024, rounds: int = ROUNDS) -> dict:
+    """Is a batched prefill cheaper than B prefills? The prefill graph called directly with B rows of `new` tokens
+    onto `cached` past tokens each (what the graph allows; the scheduler runs prefills alone): ms per call and the
+    median ratio to B = 1, B in alternation."""
+    session = model.session("prefill")
+    rng = np.random.default_rng(0)
+
+    def feeds(b):
+        f = {"inputs_embeds": (rng.standard_normal((b, new, model.hidden)) * 0.02).astype(model.float_dtype),
+             "deepstack_embeds": np.zeros((model.n_deepstack, b, new, model.hidden), model.float_dtype),
+             "position_ids": np.broadcast_to(np.arange(cached, cached + new), (3, b, new)).astype(np.int64),
+             "past_mask": np.ones((b, cached), np.int64), "new_mask": np.ones((b, new), np.int64)}
+        past = np.zeros((b, model.kv_heads, cached, model.head_dim), model.cache_dtype)
+        return f | {f"past_{kind}.{i}": past for i in range(model.layers) for kind in ("key", "value")}
+
+    inputs = {b: feeds(b) for b in rows}
+    times = {b: [] for b in rows}
+    for b in rows:
+        session.run(None, inputs[b])  # warm-up
+    for _ in range(rounds):
+        for b in rows:
+            began = time.perf_counter()
+            session.run(None, inputs[b])
+            times[b].append((time.perf_counter() - began) * 1000)
+    return {b: {"ms": statistics.median(times[b]),
+                "ratio": statistics.median([t / t1 for t, t1 in zip(times[b], times[1])])} for b in rows}
 
 
 def serve_run(graphs: Path, clip: Path, streams: int, batched: bool, threads: int, seconds: float) -> dict:
@@ -170,10 +199,11 @@ def run(quick: bool, threads: int, out: Path, only: str | None = None) -> dict:
     from export.pipeline import run as export
     from runtime.sample import write_clip, write_world_clip
 
-    from .models import build_exports
+    from .models import BenchModel, build_exports
 
     root = Path("build/bench")
     exports = build_exports(root, quick=quick)
+    micro = export(ExportOptions("micro", root / "micro", verify=False), log=lambda *_: None)
     setup = {"cores": os.cpu_count(), "threads": threads, "provider": "CPUExecutionProvider"}
     results = {"setup": setup}
     previous = out / "streams.json"
@@ -186,9 +216,15 @@ def run(quick: bool, threads: int, out: Path, only: str | None = None) -> dict:
         results["rows"] = {name: {"model": exports[key].describe(), "steps": decode_rows(
             exports[key].model(threads), cached=cached, rounds=rounds)} for name, key in (("fp32", "wide"),
                                                                                           ("int4", "wide_int4"))}
+        print("batched prefills (graph called directly)", flush=True)
+        new = 32 if quick else 128
+        results["prefill_rows"] = {
+            f"micro, 40 new onto {cached[0]}": prefill_rows(BenchModel(micro, "micro").model(threads), new=40,
+                                                            cached=cached[0], rounds=rounds),
+            f"int4 real widths, {new} new onto {cached[0]}": prefill_rows(exports["wide_int4"].model(threads),
+                                                                          new=new, cached=cached[0], rounds=rounds)}
     if only in (None, "server"):
         seconds = 4 if quick else SECONDS
-        micro = export(ExportOptions("micro", root / "micro", verify=False), log=lambda *_: None)
         clip, _ = write_world_clip(root / f"world-{seconds}s.mp4", seconds, seed=5)
         print("server, micro", flush=True)
         results["server_micro"] = serve_sweep(micro, clip, (1, 2) if quick else MICRO_STREAMS, threads, seconds)

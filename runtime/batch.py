@@ -29,6 +29,8 @@ class Batch:
         served at once (the static path allocates cache rows in blocks of the bucket that covers that many, at most
         the largest bucket; a block is allocated when the last one is full)."""
         self.model, self.static = model, static
+        if not static:
+            model.prepack("decoder")  # its calls are of many rows now (see Model.prepack)
         self.buckets = sorted(set(buckets))
         if not self.buckets or self.buckets[0] != 1:
             raise ValueError("the batch sizes must include 1")

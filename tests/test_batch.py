@@ -124,3 +124,22 @@ def test_rows_are_reused_and_runs_waste_no_more_than_they_serve(tiny_graphs):
     third = Commentator(model, config(2, False, Sampling(temperature=0)), batch)
     third.step(Chunk(0, 0, 1, video[2][0]))
     assert third.engine.row == 0  # the freed row went to the next stream
+
+
+def test_the_batched_host_decoder_packs_its_weights_and_no_session_spins(tiny_graphs):
+    """Shared fp32 weights are used unpacked (one copy for every session) until a Batch needs decode calls of many
+    rows, which ONNX Runtime's SGEMM would otherwise repack on every call (README "Batching"); idle pool threads
+    sleep (spinning took the cores from the video readers)."""
+    def entry(session, key):
+        try:
+            return session.get_session_options().get_session_config_entry(key)
+        except RuntimeError:  # not set: ONNX Runtime's default
+            return None
+
+    model = Model(Manifest.load(tiny_graphs))
+    assert entry(model.session("decoder"), "session.disable_prepacking") == "1"
+    Batch(model)
+    assert entry(model.session("decoder"), "session.disable_prepacking") is None
+    assert entry(model.session("prefill"), "session.disable_prepacking") == "1"
+    assert entry(model.session("decoder", {"batch": 2, "past": 8, "new": 1}), "session.disable_prepacking") == "1"
+    assert all(entry(s, "session.intra_op.allow_spinning") == "0" for s in model._sessions.values())

@@ -71,8 +71,8 @@ def test_vision_flops_match_torch_flop_counter(tiny_graphs):
 
 
 def test_streams_bench_measures_batched_steps_and_a_server(tiny_graphs, tmp_path):
-    """bench/streams.py's two measurements, on tiny: well-formed, the batch really shared (never timings)."""
-    from bench.streams import decode_rows, real_time, serve_run
+    """bench/streams.py's measurements, on tiny: well-formed, the batch really shared (never timings)."""
+    from bench.streams import decode_rows, prefill_rows, real_time, serve_run
     from runtime.manifest import Manifest
     from runtime.model import Model
     from runtime.sample import write_clip
@@ -80,6 +80,8 @@ def test_streams_bench_measures_batched_steps_and_a_server(tiny_graphs, tmp_path
     steps = decode_rows(Model(Manifest.load(tiny_graphs)), rows=(1, 2, 4), cached=(32,), rounds=2)[32]
     assert sorted(steps) == [1, 2, 4] and steps[1]["ratio"] == 1.0
     assert all(s["ms"] > 0 and s["tokens_per_s"] > 0 and len(s["ratio_range"]) == 2 for s in steps.values())
+    prefills = prefill_rows(Model(Manifest.load(tiny_graphs)), rows=(1, 2), new=8, cached=32, rounds=2)
+    assert sorted(prefills) == [1, 2] and prefills[1]["ratio"] == 1.0 and prefills[2]["ms"] > 0
     clip = write_clip(tmp_path / "clip.mp4", 3, 64, 64, 4)
     row = serve_run(tiny_graphs, clip, 2, True, threads=2, seconds=3)
     assert row["streams"] == 2 and len(row["dropped"]) == 2 and row["media_per_wall_second"] > 0

@@ -31,9 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-streams", type=int,
                    help="streams served at once; more are refused with 503 (default: 1 on the CPU, else from a "
                         "measured step time)")
-    p.add_argument("--batch", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the decode steps of all decoding streams as one call (default: on for GPU providers; "
-                        "off on the CPU, where it measured slower)")
+    p.add_argument("--batch", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the decode steps of all decoding streams as one call (default: on; --no-batch runs "
+                        "each stream's steps alone, for comparison)")
     p.add_argument("--batch-sizes", default="1,2,4,8",
                    help="the decode batch sizes the static path compiles; a batch is padded up to the next "
                         "(default 1,2,4,8)")

@@ -4,15 +4,14 @@ The `Scheduler` runs every model step on one thread: the sessions are shared, an
 step over all cores, so steps in parallel would only contend. A live stream whose turn comes late takes its newest
 chunk (the others are dropped and counted, as in the CLI).
 
-Batched (`--batch`, the default on GPU providers; runtime/batch.py), each pass is continuous batching: first one
-decoder call for every stream that is decoding (all their next tokens at once, whatever chunk each is on), then one
-stream with a chunk ready starts it (vision and prefill, alone: a prefill is hundreds of tokens and already fills
-the cores) and joins the decode batch from the next pass; a reply that ends leaves it. Decodes first, as vLLM
+Batched (`--batch`, the default; runtime/batch.py), each pass is continuous batching: first one decoder call for
+every stream that is decoding (all their next tokens at once, whatever chunk each is on), then one stream with a
+chunk ready starts it (vision and prefill, alone: measured, a prefill of B rows costs about B prefills, README
+"Batching") and joins the decode batch from the next pass; a reply that ends leaves it. Decodes first, as vLLM
 schedules them: a pass then delays the decoding streams by at most one prefill, and the streams waiting for a
 prefill are taken round robin, so none starves and none waits for the slowest reply of a batch.
 
-Unbatched (--no-batch), each pass gives every stream with a chunk ready its whole chunk, decode steps one at a time
-(the CPU default: measured faster there, README "Batching").
+Unbatched (--no-batch), each pass gives every stream with a chunk ready its whole chunk, decode steps one at a time.
 """
 
 import sys

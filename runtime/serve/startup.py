@@ -61,8 +61,6 @@ async def serve(args) -> None:
     manifest = Manifest.load(cli.find_graphs(args.graphs))
     providers, options = cli.session_setup(args)
     model = Model(manifest, providers, args.threads, options)
-    if args.batch is None:  # batched decode pays where weights are read per step (GPUs); measured slower on the CPU
-        args.batch = providers[0] != PROVIDERS["cpu"]
     max_streams = args.max_streams or measured_max_streams(model, manifest, args)
     if not args.token and args.host not in LOCAL_HOSTS:
         print(f"warning: {args.host} without --token: anyone who reaches this port can make the server open URLs "
