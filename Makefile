@@ -10,7 +10,7 @@ EXPORT_FLAGS = --model $(MODEL) --dtype $(DTYPE) $(if $(OUT),--out $(OUT)) \
 	$(if $(RANDOM_WEIGHTS),--random-weights) $(if $(FORCE),--force) $(if $(NO_VERIFY),--no-verify) \
 	$(if $(QUANT),--quant $(QUANT)) $(if $(QUANT_FORM),--quant-form $(QUANT_FORM))
 
-.PHONY: setup export check demo train-micro micro-accuracy test bench bench-streams soak gpu-check clean
+.PHONY: setup export check demo train-micro micro-accuracy test bench bench-streams bench-cluster soak gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -53,6 +53,10 @@ bench: setup
 bench-streams: setup
 	$(BIN)/python -m pip install -q -e '.[export,dev,bench]'
 	$(BIN)/python -m bench.streams
+
+# The cluster (runtime.cluster on a local Ray) against the one-process server: throughput, lag, start-up, memory.
+bench-cluster: setup
+	$(BIN)/python -m bench.cluster
 
 soak: setup
 	$(BIN)/python -m pip install -q -e '.[export,dev,bench]'

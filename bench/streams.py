@@ -22,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -112,21 +113,28 @@ def prefill_rows(model, rows=(1, 2, 4), new: int = 128, cached: int = 1024, roun
                 "ratio": statistics.median([t / t1 for t, t1 in zip(times[b], times[1])])} for b in rows}
 
 
-def serve_run(graphs: Path, clip: Path, streams: int, batched: bool, threads: int, seconds: float) -> dict:
-    """N live streams of `clip` on one server; what each stream's cues say."""
+def serve_run(graphs: Path, clip: Path, streams: int, batched: bool, threads: int, seconds: float,
+              module: str = "runtime.serve", flags: tuple = ()) -> dict:
+    """N live streams of `clip` on one server (`module`: runtime.serve, or runtime.cluster with its `flags`); what
+    each stream's cues say, how long the server took to start and its resident memory (its whole process tree)."""
     import aiohttp
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")])))
-    flags = ["--graphs", str(graphs), "--port", "0", "--max-streams", str(streams), "--threads", str(threads)]
-    process = subprocess.Popen([sys.executable, "-m", "runtime.serve", *flags, "--batch" if batched else "--no-batch"],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    flags = ["--graphs", str(graphs), "--port", "0", "--max-streams", str(streams), "--threads", str(threads),
+             "--batch" if batched else "--no-batch", *flags]
+    began = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", module, *flags], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
     try:
         line = ""
         while not line.startswith("serving "):
             line = process.stderr.readline()
             if not line:
                 raise RuntimeError("the server did not start")
+        started = time.perf_counter() - began
+        threading.Thread(target=lambda: process.stderr.read(), daemon=True).start()  # keep its pipe drained
         url = line.split()[1].rstrip("/")
+        idle_mib = tree_rss_mib(process.pid)
 
         async def body():
             async with aiohttp.ClientSession() as session:
@@ -135,10 +143,11 @@ def serve_run(graphs: Path, clip: Path, streams: int, batched: bool, threads: in
                     async with session.post(f"{url}/v1/streams", json={"source": str(clip), "realtime": True,
                                                                        "seed": 1}) as response:
                         ids.append((await response.json())["id"])
-                began = time.monotonic()
+                began, peak = time.monotonic(), 0.0
                 while time.monotonic() - began < seconds + 120:
                     async with session.get(f"{url}/v1/streams") as response:
                         listing = await response.json()
+                    peak = max(peak, tree_rss_mib(process.pid))
                     if all(s["state"] != "running" and s["state"] != "starting" for s in listing["streams"]):
                         break
                     await asyncio.sleep(0.5)
@@ -146,19 +155,34 @@ def serve_run(graphs: Path, clip: Path, streams: int, batched: bool, threads: in
                 for id in ids:
                     async with session.get(f"{url}/v1/streams/{id}/commentary.jsonl") as response:
                         cues.append([json.loads(x) for x in (await response.text()).splitlines() if '"start"' in x])
-                return cues, listing.get("batch")
+                return cues, listing.get("batch"), peak
 
-        cues, batch = asyncio.run(body())
+        cues, batch, peak_mib = asyncio.run(body())
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        process.wait(timeout=60)
     lags = [c["lag"] for stream in cues for c in stream[1:]]
     commented = sum(len(stream) for stream in cues)
     return {"streams": streams, "batched": batched, "lag_median": statistics.median(lags) if lags else None,
             "lag_p90": float(np.percentile(lags, 90)) if lags else None,
             "dropped": [stream[-1]["dropped"] if stream else None for stream in cues],
             "media_per_wall_second": commented / seconds, "chunks": seconds,
-            "mean_batch": batch["rows_decoded"] / batch["decode_calls"] if batch and batch["decode_calls"] else None}
+            "mean_batch": batch["rows_decoded"] / batch["decode_calls"] if batch and batch["decode_calls"] else None,
+            "start_s": started, "idle_mib": idle_mib, "peak_mib": peak_mib}
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of a process and all its descendants (a cluster's are Ray's daemons and replicas), MiB."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            total += int(open(f"/proc/{current}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            for task in os.listdir(f"/proc/{current}/task"):
+                todo += [int(c) for c in open(f"/proc/{current}/task/{task}/children").read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total / 2**20
 
 
 def serve_sweep(graphs: Path, clip: Path, counts, threads: int, seconds: float) -> list[dict]:

@@ -45,3 +45,19 @@ def tiny16(tmp_path_factory) -> Path:
     from export.pipeline import ExportOptions, run
 
     return run(ExportOptions("tiny", tmp_path_factory.mktemp("fp16") / "tiny16", dtype="fp16"))
+
+
+@pytest.fixture(scope="session")
+def micro_graphs(tmp_path_factory) -> Path:
+    """The committed micro folder through `python -m export` (the path a real checkpoint takes), proven against
+    transformers like every export; once for the whole test session."""
+    from export.pipeline import ExportOptions, run
+
+    folder = PRESETS / "micro"
+    out = run(ExportOptions("micro", tmp_path_factory.mktemp("graphs") / "micro"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    assert manifest["tokens"]["video_pad"] == config["video_token_id"]
+    assert manifest["stop_tokens"] == json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
+    assert manifest["verification"]["greedy_agreement"] == 1.0  # greedy tokens identical to generate()
+    return out

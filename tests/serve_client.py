@@ -1,5 +1,5 @@
-"""A commentary server for the tests (`python -m runtime.serve` on 127.0.0.1, a free port) and small clients of its
-API. Every wait has a bound; the server is stopped with SIGTERM (killed if it does not stop) when the block ends."""
+"""A commentary server for the tests (`python -m runtime.serve`, or `python -m runtime.cluster`, on 127.0.0.1, a free
+port) and small clients of its API. Every wait has a bound; the server is stopped with SIGTERM (killed if it does not stop) when the block ends."""
 
 import asyncio
 import json
@@ -20,11 +20,15 @@ from conftest import ROOT
 from runtime.serve.push import HEADER
 
 
+# A local Ray cluster for the tests: two replicas, one core each, a small object store, no dashboard.
+CLUSTER = ("--replicas", "2", "--ray-cpus", "2", "--threads", "1", "--object-store-mb", "100")
+
+
 class Server:
-    def __init__(self, graphs, *args: str, data_dir=None, timeout: float = 90):
+    def __init__(self, graphs, *args: str, data_dir=None, timeout: float = 90, module: str = "runtime.serve"):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         extra = ["--data-dir", str(data_dir)] if data_dir else []
-        self.process = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--graphs", str(graphs), "--port",
+        self.process = subprocess.Popen([sys.executable, "-m", module, "--graphs", str(graphs), "--port",
                                          "0", *extra, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, text=True)
         self.log: list[str] = []
@@ -48,7 +52,7 @@ class Server:
     def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)
         try:
-            return self.process.wait(timeout=20)
+            return self.process.wait(timeout=30)
         finally:
             self.process.kill()
 

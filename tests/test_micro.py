@@ -93,21 +93,6 @@ def test_training_examples_are_the_runtime_layout():
     assert np.array_equal(example["tokens"][example["target"] == 1], wanted)
 
 
-@pytest.fixture(scope="module")
-def micro_graphs(tmp_path_factory):
-    """The committed micro folder through `python -m export` (the path a real checkpoint takes), proven against
-    transformers like every export."""
-    from export.pipeline import ExportOptions, run
-
-    out = run(ExportOptions("micro", tmp_path_factory.mktemp("graphs") / "micro"))
-    manifest = json.loads((out / "manifest.json").read_text())
-    config = json.loads((FOLDER / "config.json").read_text())
-    assert manifest["tokens"]["video_pad"] == config["video_token_id"]
-    assert manifest["stop_tokens"] == json.loads((FOLDER / "generation_config.json").read_text())["eos_token_id"]
-    assert manifest["verification"]["greedy_agreement"] == 1.0  # greedy tokens identical to generate()
-    return out
-
-
 def _z(first: int, last: int, n: int) -> float:
     """Two-proportion z statistic of last minus first (pooled)."""
     p = (first + last) / (2 * n)

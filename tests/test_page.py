@@ -9,7 +9,7 @@ from fractions import Fraction
 import av
 import pytest
 
-from serve_client import Server
+from serve_client import CLUSTER, Server
 from runtime.sample import synthetic_frame
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -45,10 +45,19 @@ def browser():
     return sync_playwright
 
 
-def test_the_page_comments_a_webcam_and_answers_a_question(tiny_graphs, tmp_path):
+@pytest.mark.parametrize("module", ["runtime.serve", "runtime.cluster"])
+def test_the_page_comments_a_webcam_and_answers_a_question(tiny_graphs, tmp_path, module):
+    """The same page against the one-process server and against the cluster (its frames and questions then go
+    through the HTTP process to a Ray replica)."""
     sync_playwright = browser()
+    extra = CLUSTER if module == "runtime.cluster" else ()
+    if extra:
+        from test_cluster import needs_ray
+
+        needs_ray()
     camera = fake_camera(tmp_path / "camera.y4m")
-    with Server(tiny_graphs, "--token", TOKEN, data_dir=tmp_path / "data") as server, sync_playwright() as p:
+    with Server(tiny_graphs, "--token", TOKEN, *extra, data_dir=tmp_path / "data", module=module, timeout=180) \
+            as server, sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                      args=[*FLAGS, f"--use-file-for-fake-video-capture={camera}"])
         try:

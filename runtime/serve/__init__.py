@@ -12,6 +12,7 @@ Modules, one job each:
 - events.py: following a stream's events over server-sent events and the WebSocket (questions, pushed frames);
 - errors.py: an HTTP error as one JSON line, a socket's error event;
 - streams.py: a stream (its commentator, source, questions, subtitles and event log);
+- local.py: the streams of this process, the backend behind the routes (runtime.cluster has another);
 - scheduler.py: the one worker thread on which the streams take turns on the model;
 - push.py: frames pushed by a browser (JPEG images with their capture times);
 - web/index.html: the page.

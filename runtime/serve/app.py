@@ -1,12 +1,12 @@
 """The commentary server's HTTP side: the aiohttp application, its middlewares (errors, origin, token) and the
-REST routes that create, list, stop, delete and question streams, take uploads and give their subtitles. Following
-a stream's events is events.py's; the streams and their turns are streams.py's and scheduler.py's.
+REST routes that create, list, stop, delete, question and resume streams, take uploads and give their subtitles.
+Following a stream's events is events.py's; the streams themselves are a backend's: `Local` (local.py: this
+process's model and scheduler) for runtime.serve, `Cluster` (runtime/cluster) for replicas on Ray.
 """
 
 import asyncio
 import hmac
 import json
-import math
 import secrets
 import shutil
 from pathlib import Path
@@ -14,32 +14,25 @@ from pathlib import Path
 from aiohttp import web
 
 from .. import stream as cli
-from ..batch import Batch
-from ..commentator import Commentator
-from ..live import LiveEdge, outage, redact
 from ..manifest import Manifest
-from ..video import chunk_frames
-from .errors import fail
+from .errors import Busy, fail
 from .events import Following
 from .options import (KEEP_FINISHED, MAX_FRAMES_PER_CHUNK, MAX_NEW_TOKENS, MAX_PENDING, MAX_QUESTION, SETTINGS,
-                      allowed_sources, batch_sizes, source_kind)
-from .push import PushedFrames
-from .scheduler import Scheduler
+                      allowed_sources, source_kind)
 from .streams import Stream
 
 PAGE = Path(__file__).with_name("web") / "index.html"
 
 
 class Server(Following):
-    """The app's state (the model, the scheduler, the data folder) and its routes."""
+    """The app's state (the streams' backend, the data folder) and its routes."""
 
-    def __init__(self, args, manifest: Manifest, model, max_streams: int, data_dir: Path):
-        self.args, self.manifest, self.model = args, manifest, model
+    def __init__(self, args, manifest: Manifest, backend, max_streams: int, data_dir: Path):
+        self.args, self.manifest, self.backend = args, manifest, backend
         self.max_streams, self.data_dir = max_streams, data_dir
         self.allowed = allowed_sources(args)
-        batch = None if not args.batch else Batch(model, bool(args.static), batch_sizes(args), max_streams)
-        self.scheduler = Scheduler(batch)
         self.closing = False
+        self._opening = 0  # streams being opened (off the event loop): they count against --max-streams
         (data_dir / "uploads").mkdir(parents=True, exist_ok=True)
 
     def app(self) -> web.Application:
@@ -55,6 +48,7 @@ class Server(Following):
         app.router.add_get("/v1/streams/{id}/events", self.events)
         app.router.add_get("/v1/streams/{id}/commentary.{fmt}", self.download)
         app.router.add_post("/v1/streams/{id}/questions", self.question)
+        app.router.add_post("/v1/streams/{id}/resume", self.resume)
         app.router.add_get("/v1/streams/{id}/ws", self.socket)
         app.on_shutdown.append(self.shutdown)
         return app
@@ -101,31 +95,45 @@ class Server(Following):
     async def page(self, request):
         return web.FileResponse(PAGE, headers={"Cache-Control": "no-cache"})
 
-    def find(self, request) -> Stream:
-        stream = self.scheduler.get(request.match_info["id"])
+    def find(self, request, lost_too: bool = False) -> Stream:
+        """The stream the URL names; 410 for one whose cluster replica was lost (unless `lost_too`: its subtitles
+        and its deletion are still served)."""
+        stream = self.backend.get(request.match_info["id"])
         if stream is None:
             raise fail(web.HTTPNotFound, f"no stream {request.match_info['id']!r}")
+        if getattr(stream, "lost", None) and not lost_too:
+            raise fail(web.HTTPGone, stream.lost)
         return stream
 
     async def list(self, request):
-        streams = [s.info() for s in self.scheduler.all()]
-        batch = self.scheduler.batch  # batched decode calls so far and the rows they served (mean batch size)
-        batching = {"decode_calls": batch.steps, "rows_decoded": batch.rows_decoded} if batch else None
-        return web.json_response({"streams": streams, "active": self.scheduler.active(),
-                                  "max_streams": self.max_streams, "batch": batching})
+        streams = [s.info() for s in self.backend.all()]
+        return web.json_response({"streams": streams, "active": self.backend.active(),
+                                  "max_streams": self.max_streams, **self.backend.counters()})
 
     async def get(self, request):
         return web.json_response(self.find(request).info())
 
     async def delete(self, request):
-        stream = self.find(request)
-        self.scheduler.delete(stream.id)
+        stream = self.find(request, lost_too=True)
+        self.backend.delete(stream.id)
         return web.json_response({"id": stream.id, "deleted": True})
 
     async def stop(self, request):
         stream = self.find(request)
-        self.scheduler.stop(stream)
+        self.backend.stop(stream)
         return web.json_response({"id": stream.id, "stopped": True})
+
+    async def resume(self, request):
+        """A stream from a URL whose cluster replica was lost goes on on another replica: a fresh context, the
+        same subtitles and events."""
+        stream = self.find(request, lost_too=True)
+        try:
+            await self.backend.resume(stream)
+        except LookupError as error:
+            raise fail(web.HTTPConflict, str(error)) from None
+        except Busy as error:
+            raise fail(web.HTTPServiceUnavailable, str(error), {"Retry-After": "5"}) from None
+        return web.json_response(stream.info())
 
     async def create(self, request):
         body = await json_body(request)
@@ -162,39 +170,32 @@ class Server(Following):
         elif what == "file" and not Path(source).is_file():
             raise fail(web.HTTPBadRequest, f"{source}: no such file on the server")
         self._room()
-        # The tokenizer loads from disk: off the event loop. Nothing awaits between the last check and the add.
-        commentator = await asyncio.get_running_loop().run_in_executor(None, Commentator, self.model, config,
-                                                                       self.scheduler.batch)
-        self._room()
         folder.mkdir()
         if what == "upload":
             args.video = str(shutil.move(upload, folder / "upload"))
-        pushed = PushedFrames() if what == "push" else None
-        stream = Stream(folder.name, redact(source), commentator, self._edge(args, pushed), folder,
-                        pushed is not None or cli.is_live(args), pushed)
+        self._opening += 1
+        try:  # the tokenizer loads from disk, a replica answers over the network: off the event loop
+            stream = await asyncio.get_running_loop().run_in_executor(None, self.backend.open, folder.name, args,
+                                                                      source, folder)
+        except BaseException as error:
+            shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(error, Busy):
+                raise fail(web.HTTPServiceUnavailable, str(error), {"Retry-After": "5"}) from None
+            raise
+        finally:
+            self._opening -= 1
         self._forget_old()
-        self.scheduler.add(stream)
         return web.json_response(stream.info(), status=201)
 
     def _room(self) -> None:
-        if self.scheduler.active() >= self.max_streams:
-            raise fail(web.HTTPServiceUnavailable, f"the server is busy: {self.max_streams} stream(s) at once "
-                       "(--max-streams); delete one or try later", {"Retry-After": "5"})
-
-    def _edge(self, args, pushed: PushedFrames | None) -> LiveEdge:
-        """The stream's source, read in its own thread; it wakes the scheduler whenever a chunk is ready."""
-        notify = self.scheduler.wake.set
-        if pushed is None:  # a file is read as fast as the turns allow, every chunk, unless realtime
-            return cli.live_edge(args, self.manifest, keep_all=not cli.is_live(args), notify=notify)
-        chunking = cli.chunking(args, self.manifest)  # frames come over the socket, at the live edge
-        return LiveEdge(lambda on_status, stop: chunk_frames(
-            pushed.frames(stop), "push", chunking["resize"], args.chunk_duration, chunking["frames_per_chunk"], 0.0,
-            math.inf, chunking["min_side"], None, gap=outage(args.chunk_duration)), notify=notify)
+        reason = self.backend.full(self._opening)
+        if reason is not None:
+            raise fail(web.HTTPServiceUnavailable, reason, {"Retry-After": "5"})
 
     def _forget_old(self) -> None:
-        finished = sorted((s for s in self.scheduler.all() if s.finished), key=lambda s: s.created)
+        finished = sorted((s for s in self.backend.all() if s.finished), key=lambda s: s.created)
         for stream in finished[:max(0, len(finished) - KEEP_FINISHED + 1)]:
-            self.scheduler.delete(stream.id)
+            self.backend.delete(stream.id)
 
     async def upload(self, request):
         limit = self.args.max_upload * 1024 * 1024
@@ -232,7 +233,7 @@ class Server(Following):
         stream.ask(text.strip())
 
     async def download(self, request):
-        stream, fmt = self.find(request), request.match_info["fmt"]
+        stream, fmt = self.find(request, lost_too=True), request.match_info["fmt"]
         types = {"vtt": "text/vtt", "srt": "application/x-subrip", "jsonl": "application/jsonl"}
         if fmt not in types:
             raise fail(web.HTTPNotFound, "commentary comes as .vtt, .srt or .jsonl")

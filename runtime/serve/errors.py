@@ -13,3 +13,7 @@ def fail(kind: type, message: str, headers: dict | None = None) -> web.HTTPExcep
 
 def error_event(code: str, message: str) -> dict:
     return {"type": "error", "error": {"type": "invalid_request_error", "code": code, "message": message}}
+
+
+class Busy(Exception):
+    """No room for another stream (503); the message says why."""

@@ -96,7 +96,7 @@ class Following:
                         dropped = "flood"
                     else:
                         try:
-                            dropped = None if stream.pushed.push(message.data) else "busy"
+                            dropped = None if await stream.push(message.data) else "busy"
                             fed = True
                         except FrameError as error:
                             reason = str(error)
@@ -115,7 +115,7 @@ class Following:
         finally:
             sender.cancel()
             if fed:  # the client that feeds the stream is gone: the stream ends (a watcher leaving changes nothing)
-                stream.pushed.close()
+                stream.end_push()
         return ws
 
     async def _socket_text(self, stream: Stream, ws, data: str) -> None:

@@ -23,7 +23,12 @@ KEEP_FINISHED = 64  # finished streams kept for their subtitles; older ones are 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m runtime.serve", description="A live commentary server.")
+    return parser().parse_args(argv)
+
+
+def parser(prog: str = "python -m runtime.serve", description: str = "A live commentary server."):
+    """runtime.serve's options; runtime.cluster adds its own to them."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     cli.add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
@@ -45,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-upload", type=int, default=512, help="megabytes of an uploaded video (512)")
     p.add_argument("--max-frame", type=int, default=4 * 1024 * 1024, help="bytes of a pushed frame (4 MiB)")
     p.add_argument("--data-dir", help="where subtitles and uploads are kept (default: a temporary folder)")
-    return p.parse_args(argv)
+    return p
 
 
 def allowed_sources(args) -> set[str]:

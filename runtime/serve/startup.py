@@ -18,6 +18,7 @@ from ..manifest import Manifest, ManifestError
 from ..providers import PROVIDERS, ProviderError
 from ..video import VideoError
 from .app import Server
+from .local import Local
 from .options import LOCAL_HOSTS, batch_sizes, parse_args
 
 
@@ -51,23 +52,33 @@ def measured_max_streams(model, manifest: Manifest, args) -> int:
     return max(1, int(0.8 * width / times[1]))
 
 
-async def serve(args) -> None:
-    from ..model import Model
-
+def check_limits(args) -> None:
     if args.max_streams is not None and args.max_streams < 1 or min(args.max_body, args.max_upload,
                                                                      args.max_frame) < 1:
         raise cli.UsageError("--max-streams, --max-body, --max-upload and --max-frame must be >= 1")
     batch_sizes(args)
+    if not args.token and args.host not in LOCAL_HOSTS:
+        print(f"warning: {args.host} without --token: anyone who reaches this port can make the server open URLs "
+              "and use its model", file=sys.stderr, flush=True)
+
+
+async def serve(args) -> None:
+    from ..model import Model
+
+    check_limits(args)
     manifest = Manifest.load(cli.find_graphs(args.graphs))
     providers, options = cli.session_setup(args)
     model = Model(manifest, providers, args.threads, options)
     max_streams = args.max_streams or measured_max_streams(model, manifest, args)
-    if not args.token and args.host not in LOCAL_HOSTS:
-        print(f"warning: {args.host} without --token: anyone who reaches this port can make the server open URLs "
-              "and use its model", file=sys.stderr, flush=True)
+    await run_app(args, manifest, lambda data_dir: Local(args, manifest, model, max_streams), max_streams,
+                  f"{providers[0]}, at most {max_streams} stream(s)")
+
+
+async def run_app(args, manifest: Manifest, backend, max_streams: int, what: str) -> None:
+    """Serve the API over `backend(data_dir)` until SIGINT or SIGTERM (runtime.serve and runtime.cluster)."""
     temporary = args.data_dir is None
     data_dir = Path(tempfile.mkdtemp(prefix="qwen3vl-serve-") if temporary else args.data_dir)
-    server = Server(args, manifest, model, max_streams, data_dir)
+    server = Server(args, manifest, backend(data_dir), max_streams, data_dir)
     runner = web.AppRunner(server.app(), shutdown_timeout=2)
     await runner.setup()
     try:
@@ -75,8 +86,7 @@ async def serve(args) -> None:
         await site.start()
         host, port = runner.addresses[0][:2]
         print(f"serving http://{host if ':' not in host else f'[{host}]'}:{port}/ (graphs {manifest.root}, "
-              f"{providers[0]}, at most {max_streams} stream(s); sources: {', '.join(sorted(server.allowed))})",
-              file=sys.stderr, flush=True)
+              f"{what}; sources: {', '.join(sorted(server.allowed))})", file=sys.stderr, flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -85,15 +95,16 @@ async def serve(args) -> None:
     finally:
         server.closing = True
         await runner.cleanup()
-        server.scheduler.close()
+        server.backend.close()
         if temporary:
             shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv=None, parse=parse_args, run=serve) -> int:
+    """runtime.serve's command (runtime.cluster's with its own `parse` and `run`): one-line errors, exit status."""
+    args = parse(argv)
     try:
-        asyncio.run(serve(args))
+        asyncio.run(run(args))
     except (ManifestError, ProviderError, cli.UsageError, VideoError) as error:
         print(f"error: {redact(str(error))}", file=sys.stderr)
         return 1

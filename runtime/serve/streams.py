@@ -38,8 +38,41 @@ class Question:
     asked: float  # media time when it was asked: the end of the last chunk commented
 
 
+class EventLog:
+    """A stream's events: appended from any thread; listeners (an SSE response, a socket) are woken and read
+    `since` the last id they sent. The local `Stream` and a cluster replica's stream (runtime/cluster) both keep one."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._events: deque[Event] = deque(maxlen=HISTORY)
+        self._next_id = 0
+        self._listeners: set[Callable[[], None]] = set()
+
+    def publish(self, type: str, data: dict) -> None:
+        with self._lock:
+            self._events.append(Event(self._next_id, type, data))
+            self._next_id += 1
+            listeners = list(self._listeners)
+        for wake in listeners:
+            wake()
+
+    def since(self, first: int) -> list[Event]:
+        with self._lock:
+            return [e for e in self._events if e.id >= first]
+
+    def listen(self, wake: Callable[[], None]) -> Callable[[], None]:
+        with self._lock:
+            self._listeners.add(wake)
+
+        def unlisten():
+            with self._lock:
+                self._listeners.discard(wake)
+
+        return unlisten
+
+
 @dataclass
-class Stream:
+class Stream(EventLog):
     id: str
     source: str  # redacted
     commentator: Commentator
@@ -47,6 +80,9 @@ class Stream:
     folder: Path  # its subtitles (and an uploaded file)
     live: bool  # read at the live edge: cues carry lag and drops
     pushed: PushedFrames | None = None  # frames come from a client's socket
+    # where its subtitles go: VTT, SRT and JSON lines files in `folder` unless given (a cluster replica's streams
+    # hand theirs to the process that serves the HTTP API)
+    writers: dict | None = None
     state: str = "starting"
     error: str | None = None
     created: float = field(default_factory=time.time)
@@ -63,39 +99,22 @@ class Stream:
     first_start: float = 0.0
 
     def __post_init__(self):
+        EventLog.__init__(self)
         self.pending: Decode | None = None  # the next decode step of the chunk under way
         self._turn = self._item = self._question = None
-        self._lock = threading.Lock()
-        self._events: deque[Event] = deque(maxlen=HISTORY)
-        self._next_id = 0
-        self._listeners: set[Callable[[], None]] = set()
-        self.writers = {fmt: CueWriter(str(self.folder / f"commentary.{fmt}"), fmt) for fmt in FORMATS}
-
-    # Events: appended from any thread; listeners are woken (an SSE response, a socket) and read `since`.
-    def publish(self, type: str, data: dict) -> None:
-        with self._lock:
-            self._events.append(Event(self._next_id, type, data))
-            self._next_id += 1
-            listeners = list(self._listeners)
-        for wake in listeners:
-            wake()
-
-    def since(self, first: int) -> list[Event]:
-        with self._lock:
-            return [e for e in self._events if e.id >= first]
-
-    def listen(self, wake: Callable[[], None]) -> Callable[[], None]:
-        with self._lock:
-            self._listeners.add(wake)
-        def unlisten():
-            with self._lock:
-                self._listeners.discard(wake)
-
-        return unlisten
+        if self.writers is None:
+            self.writers = {fmt: CueWriter(str(self.folder / f"commentary.{fmt}"), fmt) for fmt in FORMATS}
 
     @property
     def finished(self) -> bool:
         return self.state not in ACTIVE
+
+    async def push(self, payload: bytes) -> bool:
+        """A frame from the client's socket (push.py): False if dropped; FrameError if it is not one."""
+        return self.pushed.push(payload)
+
+    def end_push(self) -> None:
+        self.pushed.close()
 
     def ask(self, text: str) -> Question:
         question = Question(text, self.media_time)
