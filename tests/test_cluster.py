@@ -1,8 +1,9 @@
 """python -m runtime.cluster on a local Ray cluster (started and stopped by the server under test: 2 CPUs, no
 dashboard, a small object store) with two replicas of the micro model: streams spread over both, events, questions
-and downloads reach the right replica, and one replica killed: its streams end with an error event and then 410,
-the other replica's streams go on, Ray's replacement takes a new stream, and a lost URL stream resumes with its
-subtitles going on. Every wait is bounded. Skipped without Ray (pip install -e '.[cluster]'), unless REQUIRE_RAY=1 (CI)."""
+and downloads reach the right replica, and one replica killed: its streams end with an error event (their sockets
+close) and then 410, the other replica's streams go on, Ray's replacement takes a new stream, and a lost URL stream
+resumes with its subtitles going on. Every wait is bounded. Skipped without Ray (pip install -e '.[cluster]'),
+unless REQUIRE_RAY=1 (CI)."""
 
 import asyncio
 import json
@@ -56,6 +57,14 @@ def test_bad_starts_are_one_line_errors(tiny_graphs, tmp_path):
         assert run.stderr.startswith("error: ") and said in run.stderr and len(run.stderr.splitlines()) == 1
 
 
+def test_a_replica_that_cannot_start_says_why_in_one_line(tiny_graphs):
+    needs_ray()
+    run = cli("-m", "runtime.cluster", "--graphs", str(tiny_graphs), *CLUSTER, "--provider", "migraphx", "--port", "0")
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert len(errors) == 1 and "did not start" in errors[0] and "migraphx" in errors[0], run.stderr
+
+
 def test_streams_spread_over_replicas_and_outlive_a_lost_one(micro_graphs, tmp_path):
     needs_ray()
     clip, _ = write_world_clip(tmp_path / "world.mp4", SECONDS, seed=4)
@@ -99,6 +108,7 @@ def test_streams_spread_over_replicas_and_outlive_a_lost_one(micro_graphs, tmp_p
                 before = await listing(session, server)
                 replica = next(r for r in before["replicas"] if r["name"] == doomed)
                 cues_before = {s["id"]: s["cues"] for s in before["streams"]}
+                socket = await session.ws_connect(f"{url}/{lost[1]}/ws")
                 killed = time.monotonic()
                 os.kill(replica["pid"], signal.SIGKILL)
                 ended = await asyncio.gather(*(sse(session, f"{url}/{id}/events",
@@ -110,6 +120,10 @@ def test_streams_spread_over_replicas_and_outlive_a_lost_one(micro_graphs, tmp_p
                     assert "error" in kinds, kinds
                     error = next(data for kind, data in events if kind == "error")["error"]
                     assert error["type"] == "replica_lost" and doomed in error["message"]
+                while (message := await asyncio.wait_for(socket.receive(), 30)).type == aiohttp.WSMsgType.TEXT:
+                    pass  # its events, the error last; then the server closes the socket
+                assert message.type == aiohttp.WSMsgType.CLOSE and message.data == 1011, message
+                await socket.close()
                 for id in lost:
                     assert await status(session, "GET", f"{url}/{id}") == 410
                     assert await status(session, "POST", f"{url}/{id}/questions", json={"text": "hello?"}) == 410

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
 
 from ..live import kind as source_place
 from ..live import redact
@@ -39,6 +39,16 @@ from ..serve.streams import ACTIVE, EventLog, Question
 
 FAILURES = (RayActorError, GetTimeoutError)  # ActorDiedError and ActorUnavailableError are RayActorErrors
 POLL_TIMEOUT = 1.0  # seconds a poll waits for news on the replica
+
+
+class ReplicaError(Exception):
+    """A replica that cannot start (one line: why)."""
+
+
+def cause(error: Exception) -> str:
+    """The last line of a Ray error's text: the remote exception (Ray's text carries its whole traceback)."""
+    lines = [line.strip() for line in str(getattr(error, "cause", None) or error).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(error).__name__
 
 
 @dataclass
@@ -72,10 +82,13 @@ class Remote(EventLog):
     lost: str | None = None  # why requests get 410; None while it lives
     frames_dropped: int = 0  # counted by the socket code here
     snapshot: dict = field(default_factory=dict)  # the replica's last info() for it
+    incarnation: str | None = None  # of the replica it was opened on: only that incarnation's loss loses it
     cursor: int = 0  # the replica's next event id
+    written: int = 0  # the number of the replica's next subtitle write
+    resuming: bool = False
     offset: float = 0.0  # added to media times after a resume from a live source (its times restart at 0)
     last_end: float = 0.0  # where its last cue ended (media time): a resume goes on from there
-    asked: int = 0  # questions sent since the last poll
+    asked: int = 0  # questions sent that the replica has not yet said it received
 
     def __post_init__(self):
         EventLog.__init__(self)
@@ -105,7 +118,10 @@ class Remote(EventLog):
         return Question(text, self.media_time)
 
     async def push(self, payload: bytes) -> bool:
-        queued, error = await self.replica.handle.push.remote(self.id, payload)
+        try:
+            queued, error = await self.replica.handle.push.remote(self.id, payload)
+        except FAILURES:
+            raise FrameError("the stream's replica is not answering (lost?)") from None
         if error is not None:
             raise FrameError(error)
         return queued
@@ -115,7 +131,8 @@ class Remote(EventLog):
 
     # Applied by the poller, on the event loop.
     def apply(self, news: dict) -> None:
-        self.snapshot, self.asked = news["info"], 0
+        self.snapshot = news["info"]
+        self.written += len(news["writes"])
         for method, args, kwargs in news["writes"]:
             if method == "write":
                 start, end, *rest = args
@@ -133,6 +150,8 @@ class Remote(EventLog):
                         "end": round(data["end"] + self.offset, 3)}
             if type == "status" and "state" in data:
                 self.state, self.error = data["state"], data.get("error")
+            if type == "conversation.item.created":
+                self.asked = max(0, self.asked - 1)
             self.publish(type, data)
 
     def lose(self, why: str) -> None:
@@ -163,18 +182,32 @@ class Cluster:
         self._pollers: list[asyncio.Task] = []
 
     # Start-up and the pollers (on the event loop).
-    async def start(self) -> None:
-        await asyncio.gather(*(self._ready(r) for r in self.replicas))
+    async def start(self, timeout: float) -> None:
+        """Wait for every replica (at most `timeout` s); a replica whose start fails says why, in one line."""
+        try:
+            await asyncio.wait_for(asyncio.gather(*(self._ready(r, starting=True) for r in self.replicas)), timeout)
+        except TimeoutError:
+            raise ReplicaError(f"the replicas were not ready after {timeout:g} s (Ray could not place them, or "
+                               "loading the graphs takes longer: --start-timeout)") from None
         self._pollers = [asyncio.create_task(self._poll(r)) for r in self.replicas]
 
-    async def _ready(self, replica: ReplicaState) -> None:
+    async def _ready(self, replica: ReplicaState, starting: bool = False) -> None:
         """Wait until the replica answers (a replacement loads the model first)."""
         while True:
             try:
                 hello = await replica.handle.hello.remote()
                 break
+            except ActorDiedError as error:  # its constructor failed: Ray will not restart it
+                if starting:
+                    raise ReplicaError(f"replica {replica.name} did not start: {cause(error)}") from None
+                print(f"replica {replica.name} cannot be replaced: {cause(error)}", file=sys.stderr, flush=True)
+                await asyncio.sleep(30)
             except FAILURES:
                 await asyncio.sleep(0.5)
+        if hello["incarnation"] == replica.incarnation:  # a false alarm: the streams marked lost still run there
+            for stream in self.all():
+                if stream.replica is replica and stream.incarnation == replica.incarnation and stream.lost:
+                    replica.handle.delete.remote(stream.id)
         replica.incarnation, replica.max_streams, replica.pid = hello["incarnation"], hello["max_streams"], hello["pid"]
         replica.alive, replica.ready_at = True, time.time()
         print(f"replica {replica.name} ready (pid {hello['pid']}, {hello['provider']}, GPUs {hello['gpus']}, at most "
@@ -182,7 +215,9 @@ class Cluster:
 
     async def _poll(self, replica: ReplicaState) -> None:
         while True:
-            cursors = {s.id: s.cursor for s in self.all() if s.replica is replica and not s.lost}
+            mine = {s.id: s for s in self.all() if s.replica is replica and s.incarnation == replica.incarnation
+                    and not s.lost and not s.resuming}
+            cursors = {id: (s.cursor, s.written) for id, s in mine.items()}
             try:
                 news = await replica.handle.poll.remote(cursors, POLL_TIMEOUT)
             except FAILURES as error:
@@ -200,9 +235,14 @@ class Cluster:
                 continue
             replica.batch = news.get("batch")
             for id, item in news["streams"].items():
-                stream = self.streams.get(id)
-                if stream is not None and stream.replica is replica and not stream.lost:
+                stream = mine[id]
+                if stream.lost or self.streams.get(id) is not stream:  # lost or deleted meanwhile
+                    continue
+                try:
                     stream.apply(item)
+                except Exception as error:  # e.g. a full disk: this stream ends here, the others go on
+                    stream.lose(f"its events could not be applied here ({type(error).__name__}: {error})")
+                    replica.handle.delete.remote(id)
 
     async def _check(self, replica: ReplicaState, error: Exception) -> None:
         """A failed poll: the same replica (a passing fault) goes on; a new one or none means its streams are lost."""
@@ -216,17 +256,20 @@ class Cluster:
         await self._ready(replica)
 
     def _lose(self, replica: ReplicaState, why: str) -> None:
+        """The streams of the replica's current incarnation are lost (a stream opened on its replacement is not)."""
         replica.alive = False
         replica.lost += 1
         print(f"replica {replica.name} lost ({why}); its streams end, Ray replaces it", file=sys.stderr, flush=True)
         for stream in self.all():
-            if stream.replica is replica:
+            if stream.replica is replica and stream.incarnation == replica.incarnation:
                 stream.lose(f"replica {replica.name} ({why})")
 
     # What the routes ask of a backend (serve/local.py has the same methods).
     def full(self, pending: int = 0) -> str | None:
-        room = sum(self._room(r) for r in self.replicas if r.alive)
-        if room - pending <= 0:
+        """`pending`: streams the routes are opening; they are the replicas' reservations, counted once."""
+        alive = [r for r in self.replicas if r.alive]
+        room = sum(self._room(r) + r.reserved for r in alive) - max(pending, sum(r.reserved for r in alive))
+        if room <= 0:
             alive = sum(r.alive for r in self.replicas)
             return (f"the cluster is busy: {alive} of {len(self.replicas)} replica(s) in service, every one full "
                     "(--max-streams per replica); delete a stream or try later")
@@ -252,35 +295,52 @@ class Cluster:
         upload = Path(options["video"]).read_bytes() if source_kind(source) == "upload" else None
         replica = self._choose()
         try:
-            info = ray.get(replica.handle.open.remote(id, options, source, upload))
+            opened = ray.get(replica.handle.open.remote(id, options, source, upload))
+        except RayTaskError as error:  # the replica could not open it (e.g. a path its node does not have)
+            raise ValueError(f"replica {replica.name} could not open the stream: {cause(error)}") from None
         except FAILURES as error:
             raise Busy(f"replica {replica.name} failed while opening the stream ({type(error).__name__}); "
                        "try again") from None
         finally:
             with self._lock:
                 replica.reserved -= 1
-        if stream is None:
-            stream = Remote(id, source, options, replica, folder, snapshot=info)
-        else:
-            stream.replica, stream.snapshot, stream.cursor, stream.lost = replica, info, 0, None
-            stream.state, stream.error = "starting", None
         with self._lock:
+            if stream is None:
+                stream = Remote(id, source, options, replica, folder)
+            elif self.streams.get(id) is not stream:  # deleted while it was being resumed
+                replica.handle.delete.remote(id)
+                raise LookupError(f"stream {id} was deleted")
+            stream.replica, stream.incarnation, stream.snapshot = replica, opened["incarnation"], opened["info"]
+            stream.cursor, stream.written, stream.lost, stream.state, stream.error = 0, 0, None, "starting", None
             self.streams[id] = stream
         return stream
 
     async def resume(self, stream: Remote) -> None:
-        if not stream.lost:
-            raise LookupError(f"stream {stream.id} is {stream.state}; only a stream lost with its replica resumes")
+        if not stream.lost or stream.resuming:
+            raise LookupError(f"stream {stream.id} is {'resuming' if stream.resuming else stream.state}; only a "
+                              "stream lost with its replica resumes")
         if not stream.resumable:
             raise LookupError(f"stream {stream.id} reads {source_kind(stream.source)!r}, which cannot be opened "
                               "again; start a new stream")
         args = argparse.Namespace(**stream.options)
+        first = args.start or 0.0
+        end = first + args.duration if args.duration is not None else None
         if source_place(args.video) == "file":  # read again from where its subtitles stopped (file times)
-            args.start = stream.media_time
+            offset, args.start = 0.0, max(first, stream.media_time)
+            left = end - args.start if end is not None else None
         else:  # a live source starts at its live edge, its times from 0: they go on from the last cue
-            stream.offset = stream.media_time
-        await asyncio.get_running_loop().run_in_executor(None, lambda: self.open(stream.id, args, stream.source,
-                                                                                 stream.folder, stream))
+            offset = stream.media_time
+            left = args.duration - stream.media_time if args.duration is not None else None
+        if left is not None and left <= 0:
+            raise LookupError(f"stream {stream.id} had commented all of its --duration")
+        args.duration = left
+        stream.resuming = True
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, lambda: self.open(stream.id, args, stream.source,
+                                                                                     stream.folder, stream))
+        finally:
+            stream.resuming = False
+        stream.offset = offset
         stream.publish("status", {"status": "resumed", "replica": stream.replica.name})
 
     def get(self, id: str) -> Remote | None:

@@ -25,6 +25,8 @@ def parse_args(argv=None):
     g.add_argument("--object-store-mb", type=int, default=256,
                    help="object store of the Ray instance started here, MB (default 256: only uploads pass it)")
     g.add_argument("--dashboard", action="store_true", help="start Ray's dashboard too (off by default)")
+    g.add_argument("--start-timeout", type=float, default=600,
+                   help="seconds to wait for every replica to load its graphs (default 600)")
     return p.parse_args(argv)
 
 
@@ -37,22 +39,28 @@ async def run(args) -> None:
         import ray
     except ImportError:
         raise cli.UsageError("runtime.cluster needs Ray: pip install -e '.[cluster]'") from None
-    from .ingress import Cluster, ReplicaState
+    from .ingress import Cluster, ReplicaError, ReplicaState
     from .replica import Replica
 
     began = time.perf_counter()
     if args.address:
-        ray.init(address=args.address, log_to_driver=True)
+        ray.init(address=args.address, log_to_driver=True, logging_level="WARNING")
     else:
         ray.init(num_cpus=args.ray_cpus, include_dashboard=args.dashboard, log_to_driver=True,
-                 object_store_memory=args.object_store_mb << 20)
+                 object_store_memory=args.object_store_mb << 20, logging_level="WARNING")
     try:
         gpus = ray.cluster_resources().get("GPU", 0)
         count = args.replicas or max(1, int(gpus))
         per_gpu = args.gpus_per_replica if args.gpus_per_replica is not None else (1 if gpus else 0)
+        cpus = ray.cluster_resources().get("CPU", 0)
+        for what, each, has in (("GPU", per_gpu, gpus), ("CPU", args.cpus_per_replica, cpus)):
+            if each and count * each > has:  # the replicas beyond them would wait for them forever
+                raise cli.UsageError(f"{count} replica(s) x {each:g} {what}(s) need {count * each:g}; the Ray cluster "
+                                     f"has {has:g} (--replicas, --{what.lower()}s-per-replica)")
         # Ray restarts a replica that dies, as often as it takes (max_restarts=-1); a call in flight is not retried:
-        # its stream is lost with the replica (ingress.py). "poll" waits on a thread of its own.
-        actor = ray.remote(concurrency_groups={"poll": 1}, max_restarts=-1, max_task_retries=0)(Replica)
+        # its stream is lost with the replica (ingress.py). "poll" and "hello" run on threads of their own; the
+        # other calls run one at a time, in the order they were sent.
+        actor = ray.remote(concurrency_groups={"poll": 1, "hello": 1}, max_restarts=-1, max_task_retries=0)(Replica)
         replicas = []
         for k in range(count):
             name = f"qwen3vl-{os.getpid()}-{k}"
@@ -60,7 +68,10 @@ async def run(args) -> None:
                                                                                                      name)
             replicas.append(ReplicaState(name, handle))
         cluster = Cluster(replicas)
-        await cluster.start()
+        try:
+            await cluster.start(args.start_timeout)
+        except ReplicaError as error:
+            raise cli.UsageError(str(error)) from None
         total = sum(r.max_streams for r in replicas)
         print(f"{count} replica(s) ready in {time.perf_counter() - began:.1f} s", file=sys.stderr, flush=True)
         await run_app(args, manifest, lambda data_dir: cluster, total,

@@ -24,11 +24,12 @@ from ..serve.startup import measured_max_streams
 
 
 class Recorder:
-    """A stream's subtitle writes (CueWriter's calls), kept until the ingress collects them and replays them into
-    its files: given to the stream as its only writer."""
+    """A stream's subtitle writes (CueWriter's calls), numbered and kept until the ingress acknowledges them (it
+    replays them into its files): given to the stream as its only writer."""
 
     def __init__(self):
         self._calls: list = []
+        self._first = 0  # the number of self._calls[0]
         self._lock = threading.Lock()
 
     def write(self, *args, **kwargs) -> None:
@@ -44,10 +45,12 @@ class Recorder:
         with self._lock:
             self._calls.append((method, args, kwargs))
 
-    def take(self) -> list:
+    def since(self, first: int) -> list:
+        """The writes from number `first` on; the ones before it were applied by the ingress and are dropped."""
         with self._lock:
-            calls, self._calls = self._calls, []
-        return calls
+            del self._calls[:max(0, first - self._first)]
+            self._first = max(self._first, first)
+            return list(self._calls)
 
 
 class Replica:
@@ -67,6 +70,7 @@ class Replica:
         self._recorders: dict[str, Recorder] = {}
         self._news = threading.Condition()
 
+    @ray.method(concurrency_group="hello")  # never queued behind a slow open: the ingress's liveness check
     def hello(self) -> dict:
         return {"name": self.name, "incarnation": self.incarnation, "max_streams": self.max_streams,
                 "pid": os.getpid(), "provider": self.provider, "gpus": ray.get_gpu_ids()}
@@ -82,27 +86,29 @@ class Replica:
         stream = self.local.open(id, args, source, folder, {"jsonl": recorder})
         self._recorders[id] = recorder
         stream.listen(self._wake)
-        return stream.info()
+        return {"info": stream.info(), "incarnation": self.incarnation}
 
     def _wake(self) -> None:
         with self._news:
             self._news.notify_all()
 
     @ray.method(concurrency_group="poll")
-    def poll(self, cursors: dict[str, int], timeout: float = 1.0) -> dict:
-        """Every stream's events from its cursor on (the next event id the ingress expects), its subtitle writes
-        since the last poll and its state; waits up to `timeout` for something new."""
+    def poll(self, cursors: dict[str, tuple[int, int]], timeout: float = 1.0) -> dict:
+        """For each stream the ingress asks about, with its cursors (the next event id and the next write number it
+        expects): its events and subtitle writes from there on and its state; waits up to `timeout` for news."""
+        streams = [(s, *cursors[s.id]) for s in self.local.all() if s.id in cursors]
+
         def news() -> bool:
-            return any(s.since(cursors.get(s.id, 0)) for s in self.local.all())
+            return any(s.since(events) for s, events, _ in streams)
 
         with self._news:
             self._news.wait_for(news, timeout)
-        streams = {}
-        for stream in self.local.all():
+        out = {}
+        for stream, events, writes in streams:
             recorder = self._recorders.get(stream.id)
-            streams[stream.id] = {"events": [(e.id, e.type, e.data) for e in stream.since(cursors.get(stream.id, 0))],
-                                  "writes": recorder.take() if recorder else [], "info": stream.info()}
-        return {"incarnation": self.incarnation, "streams": streams, **self.local.counters()}
+            out[stream.id] = {"events": [(e.id, e.type, e.data) for e in stream.since(events)],
+                              "writes": recorder.since(writes) if recorder else [], "info": stream.info()}
+        return {"incarnation": self.incarnation, "streams": out, **self.local.counters()}
 
     def ask(self, id: str, text: str) -> None:
         stream = self.local.get(id)

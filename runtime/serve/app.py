@@ -178,9 +178,13 @@ class Server(Following):
             stream = await asyncio.get_running_loop().run_in_executor(None, self.backend.open, folder.name, args,
                                                                       source, folder)
         except BaseException as error:
+            if what == "upload" and (folder / "upload").exists():  # the upload stays for a retry
+                shutil.move(folder / "upload", upload)
             shutil.rmtree(folder, ignore_errors=True)
             if isinstance(error, Busy):
                 raise fail(web.HTTPServiceUnavailable, str(error), {"Retry-After": "5"}) from None
+            if isinstance(error, ValueError):  # the stream could not be opened (a cluster replica says why)
+                raise fail(web.HTTPBadRequest, str(error)) from None
             raise
         finally:
             self._opening -= 1

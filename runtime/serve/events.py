@@ -82,7 +82,12 @@ class Following:
             if event is not None:
                 await ws.send_json({"type": event.type, "event_id": event.id, **event.data})
 
-        sender = asyncio.create_task(self.follow(stream, 0, send))
+        async def follow_then_close():
+            await self.follow(stream, 0, send)
+            if stream.finished:  # ended, stopped, failed or lost with its replica: its socket closes too
+                await ws.close(code=1011 if stream.error else 1000, message=stream.state.encode())
+
+        sender = asyncio.create_task(follow_then_close())
         bad, recent, fed = 0, [], False
         try:
             async for message in ws:
