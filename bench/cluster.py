@@ -15,9 +15,7 @@ from pathlib import Path
 
 from .streams import serve_run
 
-SETUPS = {"runtime.serve": ("runtime.serve", ()),
-          "cluster, 1 replica": ("runtime.cluster", ("--replicas", "1", "--ray-cpus", "2")),
-          "cluster, 2 replicas": ("runtime.cluster", ("--replicas", "2", "--ray-cpus", "2"))}
+SETUPS = {"runtime.serve": 0, "cluster, 1 replica": 1, "cluster, 2 replicas": 2}  # replicas (0: no cluster)
 
 
 def main(argv=None) -> int:
@@ -36,11 +34,13 @@ def main(argv=None) -> int:
     threads = os.cpu_count()
     runs = {name: [] for name in SETUPS}
     for _ in range(args.rounds):
-        for name, (module, flags) in SETUPS.items():
-            replicas = int(flags[1]) if flags else 1
-            # each replica gets its share of the cores (--threads) and of the streams (--max-streams per replica)
-            extra = ("--threads", str(max(1, threads // replicas)), "--max-streams", str(-(-args.streams // replicas)))
-            row = serve_run(micro, clip, args.streams, True, threads, args.seconds, module, (*flags, *extra))
+        for name, replicas in SETUPS.items():
+            module, flags = "runtime.serve", ()
+            if replicas:  # each replica gets its share of the cores (--threads) and of the streams (--max-streams)
+                module = "runtime.cluster"
+                flags = ("--replicas", str(replicas), "--ray-cpus", str(threads), "--threads",
+                         str(max(1, threads // replicas)), "--max-streams", str(-(-args.streams // replicas)))
+            row = serve_run(micro, clip, args.streams, True, threads, args.seconds, module, flags)
             print(f"{name}: start {row['start_s']:.1f} s, memory {row['idle_mib']:.0f} -> {row['peak_mib']:.0f} MiB, "
                   f"lag {row['lag_median']} / p90 {row['lag_p90']}, dropped {sum(d or 0 for d in row['dropped'])}, "
                   f"media/s {row['media_per_wall_second']:.2f}", flush=True)

@@ -23,14 +23,16 @@ def median_ms(fn, repeat: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def step_feeds(model: Model, past: int, new: int) -> dict:
-    """Random inputs of one decoder call over `new` tokens onto `past` cached tokens, every slot attended."""
+def step_feeds(model: Model, past: int, new: int, batch: int = 1) -> dict:
+    """Random inputs of one decoder call over `new` tokens onto `past` cached tokens in each of `batch` rows, every
+    slot attended."""
     rng = np.random.default_rng(0)
-    shape = (1, model.kv_heads, past, model.head_dim)
-    feeds = {"inputs_embeds": rng.standard_normal((1, new, model.hidden), dtype=np.float32).astype(model.float_dtype),
-             "deepstack_embeds": np.zeros((model.n_deepstack, 1, new, model.hidden), model.float_dtype),
-             "position_ids": np.tile(np.arange(past, past + new), (3, 1, 1)),
-             "past_mask": np.ones((1, past), np.int64), "new_mask": np.ones((1, new), np.int64)}
+    shape = (batch, model.kv_heads, past, model.head_dim)
+    feeds = {"inputs_embeds": rng.standard_normal((batch, new, model.hidden), dtype=np.float32).astype(
+                 model.float_dtype),
+             "deepstack_embeds": np.zeros((model.n_deepstack, batch, new, model.hidden), model.float_dtype),
+             "position_ids": np.tile(np.arange(past, past + new), (3, batch, 1)),
+             "past_mask": np.ones((batch, past), np.int64), "new_mask": np.ones((batch, new), np.int64)}
     for i in range(model.layers):
         for part in ("key", "value"):
             feeds[f"past_{part}.{i}"] = rng.standard_normal(shape, dtype=np.float32).astype(model.cache_dtype)

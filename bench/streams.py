@@ -33,6 +33,8 @@ from runtime.commentator import Decode
 from runtime.engine import HostEngine, StaticEngine
 from runtime.rope import Rope
 
+from .measure import step_feeds
+
 ROWS = (1, 2, 4, 8)
 CACHED = (1024, 4096)
 ROUNDS = 5
@@ -90,17 +92,7 @@ def prefill_rows(model, rows=(1, 2, 4), new: int = 128, cached: int = 1024, roun
     onto `cached` past tokens each (what the graph allows; the scheduler runs prefills alone): ms per call and the
     median ratio to B = 1, B in alternation."""
     session = model.session("prefill")
-    rng = np.random.default_rng(0)
-
-    def feeds(b):
-        f = {"inputs_embeds": (rng.standard_normal((b, new, model.hidden)) * 0.02).astype(model.float_dtype),
-             "deepstack_embeds": np.zeros((model.n_deepstack, b, new, model.hidden), model.float_dtype),
-             "position_ids": np.broadcast_to(np.arange(cached, cached + new), (3, b, new)).astype(np.int64),
-             "past_mask": np.ones((b, cached), np.int64), "new_mask": np.ones((b, new), np.int64)}
-        past = np.zeros((b, model.kv_heads, cached, model.head_dim), model.cache_dtype)
-        return f | {f"past_{kind}.{i}": past for i in range(model.layers) for kind in ("key", "value")}
-
-    inputs = {b: feeds(b) for b in rows}
+    inputs = {b: step_feeds(model, cached, new, b) for b in rows}
     times = {b: [] for b in rows}
     for b in rows:
         session.run(None, inputs[b])  # warm-up

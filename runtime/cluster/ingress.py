@@ -31,11 +31,10 @@ from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTa
 
 from ..live import kind as source_place
 from ..live import redact
-from ..subtitles import FORMATS, CueWriter
 from ..serve.errors import Busy
 from ..serve.options import source_kind
 from ..serve.push import FrameError
-from ..serve.streams import ACTIVE, EventLog, Question
+from ..serve.streams import ACTIVE, EventLog, Question, subtitle_writers
 
 FAILURES = (RayActorError, GetTimeoutError)  # ActorDiedError and ActorUnavailableError are RayActorErrors
 POLL_TIMEOUT = 1.0  # seconds a poll waits for news on the replica
@@ -93,7 +92,7 @@ class Remote(EventLog):
     def __post_init__(self):
         EventLog.__init__(self)
         self.pushed = RemotePush() if source_kind(self.source) == "push" else None
-        self.writers = {fmt: CueWriter(str(self.folder / f"commentary.{fmt}"), fmt) for fmt in FORMATS}
+        self.writers = subtitle_writers(self.folder)
 
     @property
     def finished(self) -> bool:
@@ -268,16 +267,17 @@ class Cluster:
     def full(self, pending: int = 0) -> str | None:
         """`pending`: streams the routes are opening; they are the replicas' reservations, counted once."""
         alive = [r for r in self.replicas if r.alive]
-        room = sum(self._room(r) + r.reserved for r in alive) - max(pending, sum(r.reserved for r in alive))
+        room = sum(r.max_streams - self._active(r) for r in alive) - max(pending, sum(r.reserved for r in alive))
         if room <= 0:
-            alive = sum(r.alive for r in self.replicas)
-            return (f"the cluster is busy: {alive} of {len(self.replicas)} replica(s) in service, every one full "
+            return (f"the cluster is busy: {len(alive)} of {len(self.replicas)} replica(s) in service, every one full "
                     "(--max-streams per replica); delete a stream or try later")
         return None
 
+    def _active(self, replica: ReplicaState) -> int:
+        return sum(1 for s in list(self.streams.values()) if s.replica is replica and not s.finished)
+
     def _room(self, replica: ReplicaState) -> int:
-        active = sum(1 for s in list(self.streams.values()) if s.replica is replica and not s.finished)
-        return replica.max_streams - active - replica.reserved
+        return replica.max_streams - self._active(replica) - replica.reserved
 
     def _choose(self) -> ReplicaState:
         with self._lock:
@@ -372,7 +372,7 @@ class Cluster:
             for key in batch:
                 batch[key] += (replica.batch or {}).get(key, 0)
         replicas = [{"name": r.name, "alive": r.alive, "pid": r.pid, "max_streams": r.max_streams,
-                     "streams": sum(1 for s in self.all() if s.replica is r and not s.finished),
+                     "streams": self._active(r),
                      "ready_at": r.ready_at, "lost": r.lost} for r in self.replicas]
         return {"batch": batch, "replicas": replicas}
 

@@ -49,10 +49,10 @@ async def run(args) -> None:
         ray.init(num_cpus=args.ray_cpus, include_dashboard=args.dashboard, log_to_driver=True,
                  object_store_memory=args.object_store_mb << 20, logging_level="WARNING")
     try:
-        gpus = ray.cluster_resources().get("GPU", 0)
+        resources = ray.cluster_resources()
+        gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
         count = args.replicas or max(1, int(gpus))
         per_gpu = args.gpus_per_replica if args.gpus_per_replica is not None else (1 if gpus else 0)
-        cpus = ray.cluster_resources().get("CPU", 0)
         for what, each, has in (("GPU", per_gpu, gpus), ("CPU", args.cpus_per_replica, cpus)):
             if each and count * each > has:  # the replicas beyond them would wait for them forever
                 raise cli.UsageError(f"{count} replica(s) x {each:g} {what}(s) need {count * each:g}; the Ray cluster "
@@ -74,7 +74,7 @@ async def run(args) -> None:
             raise cli.UsageError(str(error)) from None
         total = sum(r.max_streams for r in replicas)
         print(f"{count} replica(s) ready in {time.perf_counter() - began:.1f} s", file=sys.stderr, flush=True)
-        await run_app(args, manifest, lambda data_dir: cluster, total,
+        await run_app(args, manifest, cluster, total,
                       f"{count} replica(s) on Ray, at most {total} stream(s)")
     finally:
         ray.shutdown()

@@ -159,7 +159,7 @@ class Server(Following):
             raise fail(web.HTTPBadRequest, f"at most {MAX_FRAMES_PER_CHUNK} frames per chunk, the model's "
                        f"max_pixels ({self.manifest['preprocess']['max_pixels']}) and {MAX_NEW_TOKENS} new tokens")
         try:
-            config = cli.config_from(args, questions=True)
+            cli.config_from(args, questions=True)  # checked here (400); the backend builds the stream from `args`
         except cli.UsageError as error:
             raise fail(web.HTTPBadRequest, str(error)) from None
         folder = self.data_dir / secrets.token_hex(8)

@@ -70,15 +70,15 @@ async def serve(args) -> None:
     providers, options = cli.session_setup(args)
     model = Model(manifest, providers, args.threads, options)
     max_streams = args.max_streams or measured_max_streams(model, manifest, args)
-    await run_app(args, manifest, lambda data_dir: Local(args, manifest, model, max_streams), max_streams,
+    await run_app(args, manifest, Local(args, manifest, model, max_streams), max_streams,
                   f"{providers[0]}, at most {max_streams} stream(s)")
 
 
 async def run_app(args, manifest: Manifest, backend, max_streams: int, what: str) -> None:
-    """Serve the API over `backend(data_dir)` until SIGINT or SIGTERM (runtime.serve and runtime.cluster)."""
+    """Serve the API over `backend` (local.py's `Local`, or runtime.cluster's `Cluster`) until SIGINT or SIGTERM."""
     temporary = args.data_dir is None
     data_dir = Path(tempfile.mkdtemp(prefix="qwen3vl-serve-") if temporary else args.data_dir)
-    server = Server(args, manifest, backend(data_dir), max_streams, data_dir)
+    server = Server(args, manifest, backend, max_streams, data_dir)
     runner = web.AppRunner(server.app(), shutdown_timeout=2)
     await runner.setup()
     try:

@@ -38,6 +38,11 @@ class Question:
     asked: float  # media time when it was asked: the end of the last chunk commented
 
 
+def subtitle_writers(folder: Path) -> dict:
+    """A stream's VTT, SRT and JSON lines files in `folder`, each written as the CLI writes it."""
+    return {fmt: CueWriter(str(folder / f"commentary.{fmt}"), fmt) for fmt in FORMATS}
+
+
 class EventLog:
     """A stream's events: appended from any thread; listeners (an SSE response, a socket) are woken and read
     `since` the last id they sent. The local `Stream` and a cluster replica's stream (runtime/cluster) both keep one."""
@@ -103,7 +108,7 @@ class Stream(EventLog):
         self.pending: Decode | None = None  # the next decode step of the chunk under way
         self._turn = self._item = self._question = None
         if self.writers is None:
-            self.writers = {fmt: CueWriter(str(self.folder / f"commentary.{fmt}"), fmt) for fmt in FORMATS}
+            self.writers = subtitle_writers(self.folder)
 
     @property
     def finished(self) -> bool:
