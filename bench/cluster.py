@@ -21,7 +21,7 @@ SETUPS = {"runtime.serve": 0, "cluster, 1 replica": 1, "cluster, 2 replicas": 2}
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.cluster")
     p.add_argument("--streams", type=int, default=8)
-    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--seconds", type=int, default=20)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--results", default="bench/results")
     args = p.parse_args(argv)
