@@ -30,13 +30,15 @@ check: setup
 demo: setup
 	$(BIN)/python -m export --model micro
 	$(BIN)/python -m runtime.sample $(VIDEO) --world --seconds 30
-	$(BIN)/python -m runtime.stream $(VIDEO) --graphs graphs/micro --out commentary.vtt
+	$(BIN)/python -m runtime.stream $(VIDEO) --graphs graphs/micro --out commentary.vtt \
+		--questions $(basename $(VIDEO)).questions
 
 # Retrain the micro model from scratch (seeded, 45 minutes on 2 cores); prints held-out accuracy.
 train-micro: setup
 	$(BIN)/python -m export.train_micro --out export/presets/micro
 
-# The micro model's accuracy through the ONNX runtime: a 10-minute stream, first vs last minute, shuffled control.
+# The micro model's accuracy through the ONNX runtime: five 10-minute streams with questions, first vs last minutes,
+# the shuffled control.
 micro-accuracy: setup
 	$(BIN)/python -m export --model micro
 	$(BIN)/python -m runtime.accuracy --graphs graphs/micro

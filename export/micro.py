@@ -2,9 +2,10 @@
 
 The tokenizer is word-level in the `tokenizers` format: digits split one by one, then GPT-2's byte-level split
 (so " red" and "red" are different words and decoding restores the spaces), a vocabulary of exactly the words the
-runtime's prompts and the world's captions use, and the Qwen chat tokens as special tokens. Training examples are
-conversations built by the runtime's own `Prompter` and evicted by its own `Context`, so the model sees exactly the
-retained layouts the stream produces: previous text with folded replies, turns without frames, dropped turns.
+runtime's prompts and the world's captions, questions and answers use, and the Qwen chat tokens as special tokens.
+Training examples are stretches of streams fed as the runtime feeds them: built by the runtime's own `Prompter`
+and evicted by its own `Context`, so the model sees exactly the retained layouts the stream produces (previous
+text with folded replies, turns without frames, dropped turns) and exactly the cached keys and values.
 """
 
 import json
@@ -15,23 +16,23 @@ import numpy as np
 from runtime.context import Context, Round, Segment, Settings
 from runtime.manifest import Manifest
 from runtime.prompt import Prompter
-from runtime.world import COLOURS, EVENTS, SHAPES, SIZE, Event, World
+from runtime.world import COLOURS, EVENTS, SHAPES, SIZE, Asker, Event, Said, World, cells, question_corpus
 
 SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
            "<|video_pad|>", "<unk>")
 QUERY = "Commentate on this match"  # the runtime's default query
-VOCAB_SIZE = 64  # the words below fit with room to spare
+VOCAB_SIZE = 96  # the words below (80) fit with room to spare
 FRAME_TOKENS = (SIZE // 32) ** 2  # merged vision tokens per frame pair (patch 16 x merge 2)
 
 
 def _corpus() -> list[str]:
-    """Every string the runtime's prompts and the captions are made of."""
+    """Every string the runtime's prompts, the captions, the questions and their answers are made of."""
     words = ["system", "user", "assistant", "previous text", QUERY, "\n", " ...", "\n ...", "Time=0.0-1.0s",
              "0123456789", "<0.5 seconds>"]
     for colour in COLOURS:
         for shape in SHAPES:
             words += [Event(kind, colour, shape).reply() for kind in EVENTS if kind != "nothing"]
-    return words
+    return words + question_corpus()
 
 
 def make_tokenizer():
@@ -116,83 +117,99 @@ def prompter(folder: Path, query: str = QUERY) -> Prompter:
     return Prompter(Manifest(folder, {"tokenizer": {"dir": "."}, "tokens": tokens}), None, "", query)
 
 
-class Conversations:
-    """Training examples: the retained context of a stream at a chunk, as the runtime holds it."""
+class Streams:
+    """Training examples: stretches of a world stream fed exactly as the runtime feeds them (the runtime's own
+    `Prompter` and `Context`): each chunk evicts, re-positions, then feeds its prompt and its reply on top of the
+    keys and values the earlier chunks left, so a token's keys and values are those computed when it was new, in the
+    context it had then, and every later chunk sees them at the positions its eviction gave them."""
 
     def __init__(self, folder: Path, settings: Settings | None = None):
         self.prompter = prompter(folder)
         self.settings = settings or Settings()
-        self.replies = {}  # reply text -> token ids (the tokenizer is the slow part)
+        self.encoded = {}  # text -> token ids (the tokenizer is the slow part)
         self.grid = (SIZE // 32, SIZE // 32)
 
-    def reply_ids(self, event: Event) -> np.ndarray:
-        text = event.reply()
-        if text not in self.replies:
-            self.replies[text] = self.prompter.encode(text)
-        return self.replies[text]
+    def encode(self, text: str) -> np.ndarray:
+        if text not in self.encoded:
+            self.encoded[text] = self.prompter.encode(text)
+        return self.encoded[text]
 
-    def example(self, rng: np.random.Generator, seed: int, last: int, max_objects: int, noise: float,
-                query: str | None = QUERY) -> dict:
-        """The context at chunk `last` after its reply. The last max(windows)+4 chunks come from World(seed) (after
-        a random warm-up); earlier ones, folded into the previous text, are random captions.
+    def example(self, rng: np.random.Generator, seed: int, first: int, last: int, max_objects: int, noise: float,
+                questions: float = 0.0, query: str | None = QUERY, replies=None, script=None) -> dict:
+        """Chunks `first`..`last` of World(seed) fed as a stream; the commentary of the seconds before `first` is
+        the previous text it starts from (their true captions, folded and trimmed as eviction would). That previous
+        text is fed as one block with the first chunk's prompt, so its keys and values are the one part not computed
+        as the runtime computed them (there, each caption was a reply in its own round); everything fed from `first`
+        on is exactly the runtime's. `questions`:
+        the chance that a chunk's user turn asks a question (world.Asker), whose answer is then the reply.
+        `replies` ({chunk: token ids}) and `script` ({chunk: question text}) replace the true replies and the
+        world's questions (tests: what a runtime said and was asked).
 
-        Returns tokens [S], positions [3, S], target [S] (1 where the token is a reply token or the <|im_end|> that
-        ends it: what the model must predict), frames [n, 2, H, W, 3] of the n retained vision blocks in order, and
-        their events."""
+        Returns, in feed order: tokens [T], label [T] (the token each position must predict, -1 where none: the
+        assistant opener's last token predicts the first reply token, each reply token the next, the last one the
+        <|im_end|>), `steps` (one per chunk: the retained context's token indices into the feed [K], their positions
+        [3, K] and how many of them, at the end, the chunk fed), frames [n, 2, H, W, 3] of each chunk, events and
+        questions per chunk (None where none was asked), cells [n, 2, 16] (world.cells of each chunk's first and
+        last frame: the training probe's truth)."""
         s, p = self.settings, self.prompter
         p.query = query or ""
-        span = max(s.window_size, s.text_round) + 4
-        first = max(0, last - span)
-        ctx = Context(s, suffix=p.suffix)
-        counter = iter(range(1 << 30))
+        feed: list[np.ndarray] = []
+        fed = 0
 
         def segment(ids, kind="text", grid=None):
-            return Segment(np.asarray(ids, np.int64), np.array([next(counter) for _ in ids], np.int64), grid, kind)
-
-        ctx.head, ctx.previous_close = segment(p.head()), segment(p.previous_close())
-        folded = [self.reply_ids(Event(EVENTS[k], *self._attributes(rng)))[:-len(p.suffix)]
-                  for k in rng.integers(len(EVENTS), size=first)]
-        previous = np.concatenate([np.zeros(0, np.int64), *folded])
-        if len(previous) > s.text_sink + s.text_window:
-            previous = np.concatenate([previous[:s.text_sink], previous[-s.text_window:]])
-        ctx.previous = segment(previous)
+            nonlocal fed
+            ids = np.asarray(ids, np.int64)
+            feed.append(ids)
+            fed += len(ids)
+            return Segment(ids, np.arange(fed - len(ids), fed), grid, kind)
 
         world = World(seed, max_objects, noise)
-        for _ in range(rng.integers(0, 30) if first else 0):
-            world.advance()
-        frames, events = {}, {}
-        for index, (pair, event) in zip(range(first, last + 1), world.chunks(last + 1 - first)):
-            ctx.evict(index)
+        asker = Asker(rng, questions)
+        said = []
+        for index in range(first):  # the seconds before: captioned, without questions (no frames needed)
+            event = world.advance()
+            asker.history.append(Said(index, event, True))
+            said.append(self.encode(event.reply())[:-len(p.suffix)])
+        ctx = Context(s, suffix=p.suffix)
+        ctx.head = segment(p.head())
+        previous = np.concatenate([p.previous(), *said]).astype(np.int64)
+        if len(previous) > s.text_sink + s.text_window:  # as eviction trims it
+            previous = np.concatenate([previous[:s.text_sink], previous[-s.text_window:]])
+        ctx.previous = segment(previous)
+        ctx.previous_close = segment(p.previous_close())
+        label, done = [], 0
+        steps, frames, grid, events, asked = [], [], [], [], []
+        for index in range(first, last + 1):
+            before, held = world.frame(), cells(world.things)
+            event = world.advance()
+            question = asker.maybe(index, event, world.things)
+            ctx.evict(index)  # slots need no freeing: every token has its own
             if ctx.rounds and ctx.rounds[-1].index == index - 1 and not ctx.rounds[-1].folded:
                 ctx.rounds[-1].close = segment(p.close())
+            if script is not None:
+                question = script.get(index)
+            text = None if question is None else self.encode(getattr(question, "text", question))
             user = [segment(ids, kind, self.grid if patch else None)
-                    for kind, ids, patch in p.user_turn(float(index), index + 1.0, self.grid[0] * self.grid[1],
-                                                        1, index == 0)]
+                    for kind, ids, patch in p.user_turn(float(index), index + 1.0, self.grid[0] * self.grid[1], 1,
+                                                        index == 0, text)]
             ctx.rounds.append(Round(index, user, segment(p.open())))
-            ctx.rounds[-1].reply = segment(self.reply_ids(event))
-            frames[index], events[index] = pair, event
-        ctx.rounds[-1].close = segment(p.close())
-
-        tokens = ctx.tokens()
-        blocks = [r.index for r in ctx.rounds if any(u.grid for u in r.user)]
-        target = np.zeros(len(tokens), np.int8)
-        offset = 0
-        replies = {id(r.reply) for r in ctx.rounds if len(r.reply)}
-        closes = {id(r.close) for r in ctx.rounds if len(r.reply)}
-        for segment_ in ctx.segments():
-            if id(segment_) in replies:
-                target[offset:offset + len(segment_)] = 1
-            elif id(segment_) in closes:
-                target[offset] = 1  # the <|im_end|> that ends the reply
-            offset += len(segment_)
-        return {"tokens": tokens, "positions": ctx.positions(), "target": target,
-                "frames": np.stack([frames[i] for i in blocks]) if blocks else np.zeros((0, 2, SIZE, SIZE, 3),
-                                                                                          np.uint8),
-                "events": [events[i] for i in blocks]}
-
-    @staticmethod
-    def _attributes(rng: np.random.Generator) -> tuple[str, str]:
-        return list(COLOURS)[rng.integers(len(COLOURS))], SHAPES[rng.integers(len(SHAPES))]
+            if replies is not None:
+                reply = np.asarray(replies[index], np.int64)
+            else:
+                reply = self.encode(question.reply() if question else event.reply())
+            ctx.rounds[-1].reply = segment(reply)
+            fresh, done = fed - done, fed  # this chunk's prefill (and the head, at the first) and its reply
+            steps.append((ctx.slots(), ctx.positions(), fresh))
+            wanted = np.full(fresh, -1)
+            wanted[fresh - len(reply) - 1:] = [*reply, p.ids["im_end"]]  # from the opener's last token on
+            label.append(wanted)
+            frames.append(np.stack([before, world.frame()]))
+            grid.append(np.stack([held, cells(world.things)]))
+            events.append(event)
+            asked.append(question)
+        tokens = np.concatenate(feed)
+        return {"tokens": tokens, "label": np.concatenate(label), "steps": steps, "frames": np.stack(frames),
+                "cells": np.stack(grid), "events": events, "questions": asked, "context": ctx}
 
 
 def labels(event: Event) -> tuple[int, int, int]:

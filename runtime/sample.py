@@ -4,7 +4,8 @@ the micro model's world: `python -m runtime.sample OUT --world [--seed 7] [--sec
 The default picture changes every frame (drifting background, moving shapes) so that consecutive seconds differ and
 a pipeline that reuses or drops frames shows it. A world clip (runtime/world.py) is 128x128 at 2 fps, one event per
 second, and comes with its true captions beside it (OUT with the suffix .truth.jsonl): what the built-in micro model
-should say.
+should say; and with two questions for `--questions` (OUT with the suffix .questions) whose true answers the truth
+file holds.
 """
 
 import argparse
@@ -63,26 +64,59 @@ def write_clip(path: str | Path, seconds: float, width: int, height: int, fps: i
 
 def write_world_clip(path: str | Path, seconds: int, seed: int, max_objects: int = 4) -> tuple[Path, list]:
     """`seconds` chunks of World(seed) at 2 fps (high-quality H.264, else MPEG-4), and the true events per second;
-    also writes them to OUT.truth.jsonl as {"start", "end", "text"} lines."""
+    also writes them to OUT.truth.jsonl as {"start", "end", "text"} lines, and two questions with their true
+    answers: OUT.questions (lines "@SECONDS question", for `--questions`) and "question"/"answer" on their
+    seconds' truth lines."""
     from .world import World
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    codec, events = default_codec(), []
+    codec, events, scenes = default_codec(), [], []
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=2)
         stream.width = stream.height = 128
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": "8"} if codec == "h264" else {"qscale": "1"}
-        for frames, event in World(seed, max_objects).chunks(seconds):
+        world = World(seed, max_objects)
+        for frames, event in world.chunks(seconds):
             events.append(event)
+            scenes.append(list(world.things))
             for frame in frames:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
+    questions = world_questions(events, scenes, seed)
     with open(path.with_suffix(".truth.jsonl"), "w") as truth:
         for second, event in enumerate(events):
-            truth.write(json.dumps({"start": float(second), "end": second + 1.0, "text": event.caption()}) + "\n")
+            line = {"start": float(second), "end": second + 1.0, "text": event.caption()}
+            if second in questions:
+                line |= {"question": questions[second].text, "answer": questions[second].answer}
+            truth.write(json.dumps(line) + "\n")
+    path.with_suffix(".questions").write_text("".join(f"@{s} {q.text}\n" for s, q in sorted(questions.items())))
     return path, events
+
+
+def world_questions(events, scenes, seed: int) -> dict:
+    """Two questions for a world clip: about the scene a third of the way in, and about the past near the end
+    (the one whose answer is oldest: out of the 16-s vision window when the clip is long enough)."""
+    from .world import PAST, PRESENT, Said, ask
+
+    rng = np.random.default_rng(seed)
+    questions, now = {}, len(events) // 3
+    history = [Said(i, e, True) for i, e in enumerate(events[:now])]
+    for kind in PRESENT[1:] + PRESENT[:1]:
+        if events and (question := ask(kind, scenes[now], events[now], history, now, rng)):
+            questions[now] = question
+            break
+    candidates = []
+    for later in range(now + 2, len(events)):
+        history = [Said(i, e, i not in questions) for i, e in enumerate(events[:later])]
+        for kind in PAST:
+            if question := ask(kind, scenes[later], events[later], history, later, rng):
+                candidates.append((question.age, later, question))
+    if candidates:
+        _, later, question = max(candidates, key=lambda c: (c[0], c[1]))
+        questions[later] = question
+    return questions
 
 
 def main() -> None:
@@ -97,7 +131,12 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=4, help="at most this many objects at once (--world)")
     args = parser.parse_args()
     if args.world:
-        print(write_world_clip(args.out, round(args.seconds), args.seed, args.objects)[0])
+        path = write_world_clip(args.out, round(args.seconds), args.seed, args.objects)[0]
+        print(path)
+        for line in map(json.loads, path.with_suffix(".truth.jsonl").read_text().splitlines()):
+            if "question" in line:
+                print(f"  at {line['start']:g} s: {line['question']} (true answer: {line['answer']}); "
+                      f"ask with --questions {path.with_suffix('.questions')}")
         return
     try:
         width, height = (int(side) for side in args.size.lower().split("x"))

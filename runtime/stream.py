@@ -51,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep-query", action="store_true", help="pin the query instead of forgetting it")
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--questions", metavar="FILE",
-                   help="questions, one per line, read while streaming (- for stdin): each joins the next chunk")
+                   help="questions, one per line, read while streaming (- for stdin): each joins the next chunk; a "
+                        "line '@SECONDS question' joins the first chunk starting at or after that media time")
     p.add_argument("--answer-max-new-tokens", type=int, default=64, help="token budget of an answer (64)")
     p.add_argument("--temperature", type=float, default=0.9, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -175,22 +176,43 @@ def live_edge(args, manifest: Manifest, **options) -> LiveEdge:
 
 
 class Questions:
-    """Questions read from a file or stdin in a thread while the stream runs, one per line; `take` hands out the
-    oldest unasked one (each chunk takes at most one)."""
+    """Questions, one per line: a regular file is read before the first chunk (so that a script's questions meet
+    their chunks), stdin or a pipe in a thread while the stream runs. `take` hands out the oldest unasked one that is
+    due (each chunk takes at most one). A line "@SECONDS question" is due at the first chunk that starts at or after
+    that media time (the same question meets the same chunk on every run); any other line is due at once."""
 
     def __init__(self, path: str):
-        self._file = sys.stdin if path == "-" else open(path, encoding="utf-8")
-        self._pending: deque[str] = deque()
-        threading.Thread(target=self._read, name="questions", daemon=True).start()
+        self._pending: deque[tuple[float, str]] = deque()
+        if path != "-" and Path(path).is_file():
+            with open(path, encoding="utf-8") as file:
+                self._read(file)
+        else:
+            file = sys.stdin if path == "-" else open(path, encoding="utf-8")
+            threading.Thread(target=self._read, args=(file,), name="questions", daemon=True).start()
 
-    def _read(self) -> None:
-        with self._file:
-            for line in self._file:
-                if line.strip():
-                    self._pending.append(line.strip())
+    def _read(self, file) -> None:
+        with file:
+            for line in file:
+                self._pending.append(timed(line))
 
-    def take(self) -> str | None:
-        return self._pending.popleft() if self._pending else None
+    def take(self, start: float) -> str | None:
+        while self._pending and not self._pending[0][1]:
+            self._pending.popleft()
+        if self._pending and self._pending[0][0] <= start + 1e-6:
+            return self._pending.popleft()[1]
+        return None
+
+
+def timed(line: str) -> tuple[float, str]:
+    """"@12.5 text" -> (12.5, "text"); a line without a time -> (-inf, the line)."""
+    line = line.strip()
+    head, _, rest = line.partition(" ")
+    if head.startswith("@"):
+        try:
+            return float(head[1:]), rest.strip()
+        except ValueError:
+            pass
+    return float("-inf"), line
 
 
 def run(args) -> int:
@@ -230,7 +252,7 @@ def run(args) -> int:
                     writer.status({"status": item.event, "source": item.source, **item.detail})
                     continue
                 waited = time.perf_counter() - wait
-                question = questions.take() if questions else None
+                question = questions.take(item.chunk.start) if questions else None
                 reply = commentator.step(item.chunk, question)
                 processed += 1
                 if processed == 1:  # sessions exist now: say where each graph runs

@@ -90,6 +90,17 @@ def render(things, rng: np.random.Generator | None = None, noise: float = 0.0) -
     return np.clip(np.rint(frame), 0, 255).astype(np.uint8)
 
 
+CELL_CLASSES = 1 + len(COLOURS) * len(SHAPES)  # what a grid cell holds: nothing, or one of the objects
+
+
+def cells(things) -> np.ndarray:
+    """[GRID * GRID] class of each cell, row by row: 0 empty, else 1 + the object's (colour, shape) index."""
+    out = np.zeros(GRID * GRID, np.int64)
+    for t in things:
+        out[t.row * GRID + t.col] = 1 + list(COLOURS).index(t.colour) * len(SHAPES) + SHAPES.index(t.shape)
+    return out
+
+
 class World:
     """A seeded scene that advances one event per chunk."""
 
@@ -154,3 +165,110 @@ def events(seed: int, count: int, max_objects: int = 4) -> list[Event]:
     """The first `count` events of World(seed) without rendering (the same events chunks() yields)."""
     world = World(seed, max_objects)
     return [world.advance() for _ in range(count)]
+
+
+# Questions a user may ask mid-stream, whose true answers the world knows. The answer is the whole reply of that
+# chunk (the chunk's event then goes uncaptioned). "Present" questions are about the scene in the chunk's last
+# frame; "past" ones are about what the commentary said, so they are asked only while that caption is surely still
+# in the retained text (PAST_HORIZON seconds: the previous text's last 512 tokens hold at least 85 folded captions
+# of <= 6 tokens, plus the 16 text rounds). A past answer older than the vision window (16 s) comes from text only.
+PRESENT, PAST = ("count", "colour", "where"), ("appeared", "did")
+PAST_HORIZON = 90
+DID = {"appears": "it appeared", "disappears": "it disappeared", **{d: f"it moved {d}" for d in MOVES}}
+
+
+@dataclass(frozen=True)
+class Question:
+    kind: str  # one of PRESENT + PAST
+    text: str
+    answer: str
+    age: int = 0  # past questions: seconds since the event the answer is about
+
+    def reply(self) -> str:
+        return self.answer + ENDING
+
+
+@dataclass(frozen=True)
+class Said:
+    """One second of a stream as the commentary knows it: its event, and whether it was captioned (a second whose
+    reply answered a question was not)."""
+    index: int
+    event: Event
+    captioned: bool
+
+
+def where(thing: Thing) -> str:
+    """A cell of the 4x4 grid in words: top/bottom rows, left/right columns, corners both, the inner 2x2 middle."""
+    vertical = {0: "top", GRID - 1: "bottom"}.get(thing.row, "")
+    horizontal = {0: "left", GRID - 1: "right"}.get(thing.col, "")
+    return " ".join(w for w in (vertical, horizontal) if w) or "middle"
+
+
+def ask(kind: str, things, event: Event, history: list[Said], now: int,
+        rng: np.random.Generator) -> Question | None:
+    """A question of `kind` asked in chunk `now`, about its scene `things` (after its `event`) or the seconds
+    before it (`history`), with its true answer; None when the world cannot ask it unambiguously now (a past
+    question is never about the object of this chunk's event: that one goes uncaptioned)."""
+    if kind == "count":
+        return Question(kind, "How many objects are there?", str(len(things)))
+    if kind == "colour":
+        shapes = [t.shape for t in things]
+        unique = [t for t in things if shapes.count(t.shape) == 1]
+        if not unique:
+            return None
+        t = unique[rng.integers(len(unique))]
+        return Question(kind, f"What colour is the {t.shape}?", t.colour)
+    if kind == "where":
+        t = things[rng.integers(len(things))]
+        return Question(kind, f"Where is the {t.colour} {t.shape}?", where(t))
+    recent = [s for s in history if s.event.kind != "nothing" and now - s.index <= PAST_HORIZON]
+    if kind == "appeared":
+        last = next((s for s in reversed(history) if s.event.kind == "appears"), None)
+        if event.kind == "appears" or last is None or not last.captioned or now - last.index > PAST_HORIZON:
+            return None
+        return Question(kind, "What appeared last?", f"a {last.event.colour} {last.event.shape}", now - last.index)
+    if kind == "did":
+        objects = sorted({(s.event.colour, s.event.shape) for s in recent} - {(event.colour, event.shape)})
+        if not objects:
+            return None
+        colour, shape = objects[rng.integers(len(objects))]
+        last = next(s for s in reversed(history) if (s.event.colour, s.event.shape) == (colour, shape))
+        if not last.captioned:
+            return None
+        return Question(kind, f"What did the {colour} {shape} do?", DID[last.event.kind], now - last.index)
+    raise ValueError(f"unknown question kind {kind!r}")
+
+
+def question_corpus() -> list[str]:
+    """Every question and answer string the world can produce (the micro tokenizer's vocabulary covers them)."""
+    texts = ["How many objects are there?", "What appeared last?", *map(str, range(1, 5)), *DID.values(),
+             "top", "bottom", "left", "right", "middle", "top left", "top right", "bottom left", "bottom right"]
+    for colour in COLOURS:
+        texts.append(colour)
+        for shape in SHAPES:
+            texts += [f"What colour is the {shape}?", f"Where is the {colour} {shape}?",
+                      f"What did the {colour} {shape} do?", f"a {colour} {shape}"]
+    return [t + ENDING if not t.endswith("?") else t for t in texts]
+
+
+class Asker:
+    """Asks questions along a world stream: at each chunk, with probability `rate`, a question of a random kind
+    that can be asked now. `maybe` is called for every chunk, in order, and records whether a question took the
+    chunk's reply (`history`: what the commentary said)."""
+
+    def __init__(self, rng: np.random.Generator, rate: float, past: float = 0.4):
+        """`past`: the chance that a question tries the past kinds first (they are often not askable)."""
+        self.rng, self.rate, self.past = rng, rate, past
+        self.history: list[Said] = []
+
+    def maybe(self, index: int, event: Event, things) -> Question | None:
+        """Chunk `index` (whose event is `event`, leaving `things`): a question, or None. Records the chunk."""
+        question = None
+        if self.rate and self.rng.random() < self.rate:
+            first, then = (PAST, PRESENT) if self.rng.random() < self.past else (PRESENT, PAST)
+            for kind in [*self.rng.permutation(first), *self.rng.permutation(then)]:
+                question = ask(str(kind), things, event, self.history, index, self.rng)
+                if question is not None:
+                    break
+        self.history.append(Said(index, event, question is None))
+        return question

@@ -87,3 +87,49 @@ def test_the_page_comments_a_webcam_and_answers_a_question(tiny_graphs, tmp_path
     assert overlay.strip() and shot.stat().st_size > 10_000
     assert all(link.endswith(f"commentary.{fmt}?token={TOKEN}") for link, fmt in zip(links, ("vtt", "srt", "jsonl")))
     print(f"screenshot: {shot}")
+
+
+def test_the_page_gets_the_answer_the_cli_gives(micro_graphs, tmp_path):
+    """A world clip uploaded through the page (File) and a question typed in it: the built-in model's answer shows
+    in the list, and it is the one the CLI gives at the same chunk. The test makes the page's request greedy and
+    not paced (temperature 0, every chunk read: the page plays an upload in real time, where a busy machine would
+    drop chunks and the two contexts would differ)."""
+    import json
+    import urllib.request
+
+    from test_answers import cli_answers, world_clip
+
+    sync_playwright = browser()
+    clip, question = world_clip(tmp_path), "How many objects are there?"
+
+    def greedy(route):
+        if route.request.method == "POST":
+            settings = {**json.loads(route.request.post_data), "temperature": 0, "realtime": False}
+            route.continue_(post_data=json.dumps(settings))
+        else:
+            route.continue_()
+
+    with Server(micro_graphs, data_dir=tmp_path / "data") as server, sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        try:
+            page = chromium.new_page(viewport={"width": 1200, "height": 760})
+            page.set_default_timeout(60_000)
+            page.route("**/v1/streams", greedy)
+            page.goto(server.url + "/")
+            page.select_option("#source-kind", "file")
+            page.set_input_files("#file", str(clip))
+            page.click("#start")
+            page.wait_for_selector("#cues li.cue")
+            page.fill("#question", question)
+            page.click("#ask")
+            shown = page.wait_for_selector("#cues li.answer").inner_text()
+            page.click("#stop")
+            page.wait_for_selector("#start:not([disabled])")
+            link = page.get_attribute("#jsonl", "href")
+        finally:
+            chromium.close()
+        lines = urllib.request.urlopen(urllib.request.Request(server.url + link)).read().decode().splitlines()
+    answer = next(line for line in map(json.loads, lines) if "question" in line)
+    assert answer["question"] == question and f"A: {answer['text']}" in shown
+    start = answer["start"]
+    assert cli_answers(micro_graphs, clip, {start: question}, tmp_path) == {start: (question, answer["text"])}
