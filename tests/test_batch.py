@@ -97,7 +97,9 @@ def test_batched_streams_equal_each_stream_alone(tiny_graphs, static):
 
 def test_a_seed_gives_the_same_replies_batched_or_not(tiny_graphs):
     model, video = Model(Manifest.load(tiny_graphs)), frames()
-    sampling = Sampling(temperature=0.9, top_p=0.95, seed=3)
+    # top-k, not top-p: the random tiny model's distribution is nearly flat over 151k ids, so a top-p cut moves with
+    # the last bits of the logits, which a batched call may round differently; among 5 candidates it does not
+    sampling = Sampling(temperature=0.9, top_k=5, seed=3)
     together, _ = batched(model, False, sampling, video)
     for k in range(4):
         assert [t for t, _ in together[k]] == [t for t, _ in alone(model, k, False, sampling, video[k])]
