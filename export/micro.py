@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.context import Context, Round, Segment, Settings
+from runtime.context import Context, Segment, Settings
 from runtime.manifest import Manifest
 from runtime.prompt import Prompter
 from runtime.world import COLOURS, EVENTS, SHAPES, SIZE, Asker, Event, Said, World, cells, question_corpus
@@ -184,15 +184,10 @@ class Streams:
             event = world.advance()
             question = asker.maybe(index, event, world.things)
             ctx.evict(index)  # slots need no freeing: every token has its own
-            if ctx.rounds and ctx.rounds[-1].index == index - 1 and not ctx.rounds[-1].folded:
-                ctx.rounds[-1].close = segment(p.close())
             if script is not None:
                 question = script.get(index)
             text = None if question is None else self.encode(getattr(question, "text", question))
-            user = [segment(ids, kind, self.grid if patch else None)
-                    for kind, ids, patch in p.user_turn(float(index), index + 1.0, self.grid[0] * self.grid[1], 1,
-                                                        index == 0, text)]
-            ctx.rounds.append(Round(index, user, segment(p.open())))
+            ctx.add_round(index, p, segment, float(index), index + 1.0, self.grid, 1, text)
             if replies is not None:
                 reply = np.asarray(replies[index], np.int64)
             else:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .context import Context, Round, Segment, Settings
+from .context import Context, Segment, Settings
 from .engine import HostEngine, StaticEngine
 from .model import Model
 from .preprocess import patchify
@@ -162,12 +162,7 @@ class Commentator:
             ctx.head = self._segment(prompter.head())
             ctx.previous = self._segment(prompter.previous())
             ctx.previous_close = self._segment(prompter.previous_close())
-        elif ctx.rounds and ctx.rounds[-1].index == index - 1 and not ctx.rounds[-1].folded:
-            ctx.rounds[-1].close = self._segment(prompter.close())
-        user = [self._segment(ids, kind, grid if patch else None)
-                for kind, ids, patch in prompter.user_turn(chunk.start, chunk.end, grid[0] * grid[1], patches,
-                                                           index == 0, question)]
-        ctx.rounds.append(Round(index, user, self._segment(prompter.open())))
+        ctx.add_round(index, prompter, self._segment, chunk.start, chunk.end, grid, patches, question)
 
     def _prefill(self, vision_embeds: np.ndarray, vision_deepstack: np.ndarray) -> np.ndarray:
         """One decoder call over every retained token not yet fed (this chunk's prompt and what the last reply

@@ -101,6 +101,19 @@ class Context:
         """Positions [3, n] of the retained tokens in logical order, counted from 0 without gaps."""
         return rope_positions([s.grid if s.grid else len(s) for s in self.segments()])[0]
 
+    def add_round(self, index: int, prompter, segment, start: float, end: float, grid: tuple[int, int], patches: int,
+                  question: np.ndarray | None) -> None:
+        """Chunk `index`'s round, after its eviction: the last chunk's reply closed (unless it was folded), then this
+        chunk's user turn (`patches` temporal patches of `grid` merged tokens, `question` token ids or None) and the
+        assistant opener. `segment(ids, kind, grid)` gives the tokens their cache slots (the runtime's and the
+        training's streams differ only there)."""
+        if self.rounds and self.rounds[-1].index == index - 1 and not self.rounds[-1].folded:
+            self.rounds[-1].close = segment(prompter.close())
+        user = [segment(ids, kind, grid if patch else None)
+                for kind, ids, patch in prompter.user_turn(start, end, grid[0] * grid[1], patches, index == 0,
+                                                           question)]
+        self.rounds.append(Round(index, user, segment(prompter.open())))
+
     def evict(self, chunk: int) -> list[np.ndarray]:
         """StreamingVLM's eviction at the start of `chunk`, before its prefill; returns the freed slots."""
         s, freed = self.settings, []
