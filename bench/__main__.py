@@ -1,4 +1,4 @@
-"""make bench: speed against transformers and against the memory-bandwidth floor, all in one run.
+"""make bench: speed against transformers, llama.cpp and what the machine allows (its floors), all in one run.
 
     python -m bench [--quick] [--results bench/results]
 
@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from .models import build_exports
 CACHE_LENGTHS = (256, 1024, 4096, 8192, 16384)
 CHUNK_VISION_TOKENS = 720  # 1152 x 640 frames: (640/32) x (1152/32) merged tokens per 1-s chunk
 CHUNK_TEXT_TOKENS = 20
+ROUNDS = 5  # ours and theirs in turn, this many times: the machine's drift hits both
+FLOOR_AT = 4096  # the cache length the README's floor sentence quotes
 
 
 def main(argv=None) -> int:
@@ -38,34 +41,40 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     exports = build_exports(Path("build/bench"), quick=args.quick)
     setup = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": threads,
-             "provider": "CPUExecutionProvider", "dtype": "fp32", "torch_attention": "sdpa"}
+             "provider": "CPUExecutionProvider", "dtype": "fp32", "torch_attention": "sdpa",
+             "rounds": 2 if args.quick else ROUNDS}
     results, started = {}, time.perf_counter()
+    floors = measure.Floors(threads, args.quick)
+    floors.probe("start")
 
-    wide = exports["wide"]
-    model = wide.model(threads)
-    hf = wide.hf_model()
+    wide, quant = exports["wide"], exports["wide_int4"]
+    model, int4, hf = wide.model(threads), quant.model(threads), wide.hf_model()
+    count = setup["rounds"]
     lengths = (64, 256) if args.quick else CACHE_LENGTHS
-    print(f"decode step at {lengths} cached tokens ({wide.describe()['model']})", flush=True)
-    decode = {"setup": {**setup, **wide.describe(), "new_tokens": 1},
-              "onnx_ms": {n: measure.onnx_step_ms(model, n, 1) for n in lengths},
-              "torch_ms": {n: measure.torch_step_ms(hf, n, 1) for n in lengths}}
-    results["decode"] = decode
-    print("chunk prefill, vision, bandwidth", flush=True)
+    print(f"decode step at {lengths} cached tokens ({wide.describe()['model']}): fp32, int4, transformers in turn",
+          flush=True)
+    decode = {n: measure.rounds({"onnx": measure.onnx_step(model, n, 1), "int4": measure.onnx_step(int4, n, 1),
+                                 "torch": measure.torch_step(hf, n, 1)}, count) for n in lengths}
+    print("chunk prefill: fp32, int4, transformers in turn", flush=True)
     past = 256 if args.quick else 8192
     new = 24 if args.quick else CHUNK_VISION_TOKENS + CHUNK_TEXT_TOKENS
-    results["prefill"] = {"setup": {**setup, **wide.describe(), "cache_tokens": past, "new_tokens": new},
-                          "onnx_ms": measure.onnx_step_ms(model, past, new, repeat=3),
-                          "torch_ms": measure.torch_step_ms(hf, past, new, repeat=3)}
+    prefill = measure.rounds({"onnx": measure.onnx_step(model, past, new), "int4": measure.onnx_step(int4, past, new),
+                              "torch": measure.torch_step(hf, past, new)}, count)
     grid = (4, 8) if args.quick else (40, 72)  # patches of a 640 x 1152 frame pair
-    results["vision"] = {"setup": {**setup, **wide.describe(), "frame": [grid[0] * 16, grid[1] * 16], "frames": 2,
-                                   "patch_grid": list(grid)},
-                         "onnx_ms": measure.onnx_vision_ms(model, *grid),
-                         "torch_ms": measure.torch_vision_ms(hf, *grid)}
+    print("vision: ONNX Runtime, transformers in turn", flush=True)
+    vision = measure.rounds({"onnx": measure.onnx_vision(model, *grid), "torch": measure.torch_vision(hf, *grid)},
+                            count)
     del hf
-    results["bandwidth"] = _floors(model, wide, setup, decode, results["prefill"], results["vision"], threads,
-                                   args.quick)
-    del model
-    results["int4"] = _int4(exports, setup, decode, results["prefill"], results["bandwidth"], threads, args.quick)
+    floors.probe("after the timed sections")
+    results["decode"] = {"setup": {**setup, **wide.describe(), "new_tokens": 1}, **_compare(decode, "onnx", "torch")}
+    results["prefill"] = {"setup": {**setup, **wide.describe(), "cache_tokens": past, "new_tokens": new},
+                          **_compare(prefill, "onnx", "torch")}
+    results["vision"] = {"setup": {**setup, **wide.describe(), "frame": [grid[0] * 16, grid[1] * 16], "frames": 2,
+                                   "patch_grid": list(grid)}, **_compare(vision, "onnx", "torch")}
+    results["int4"] = _int4(exports, int4, setup, decode, prefill, threads, args.quick)
+    floors.probe("end")
+    results["bandwidth"] = _floors(floors, model, int4, results, args.quick)
+    del model, int4
 
     from .e2e import end_to_end
 
@@ -74,28 +83,43 @@ def main(argv=None) -> int:
     results["seconds"] = time.perf_counter() - started
     write_results(out, results)
     print(f"bench: {out} ({results['seconds']:.0f} s)")
+    b = results["bandwidth"]
+    if b["noisy"]:
+        print(f"bench: noisy run: the first and last probes differ by {max(b['drift'].values()):.0%} (> 15%); "
+              "quote a run that is not flagged")
+    if b["below_floor"] and b["enforced"]:
+        print("bench: FAILED: a step beat its floor, so a probe under-measured the machine: " + "; ".join(
+            b["below_floor"]))
+        return 1
     return 0
 
 
-def _int4(exports, setup: dict, decode: dict, prefill: dict, floors: dict, threads: int, quick: bool) -> dict:
-    """The int4 export of the same model beside fp32 and transformers, its own bandwidth floor, resident memory of
+def _compare(times: dict, ours: str, theirs: str) -> dict:
+    """Medians of both sides and the per-round speed-up of ours (times: {name: [ms]} or {length: {name: [ms]}})."""
+    if ours in times:
+        return {"onnx_ms": statistics.median(times[ours]), "torch_ms": statistics.median(times[theirs]),
+                "speedup": measure.ratio(times[theirs], times[ours])}
+    return {"onnx_ms": {n: statistics.median(t[ours]) for n, t in times.items()},
+            "torch_ms": {n: statistics.median(t[theirs]) for n, t in times.items()},
+            "speedup": {n: measure.ratio(t[theirs], t[ours]) for n, t in times.items()}}
+
+
+def _int4(exports, model, setup: dict, decode: dict, prefill: dict, threads: int, quick: bool) -> dict:
+    """The int4 export of the same model beside fp32 and transformers (timed in the same rounds), resident memory of
     both, and the peer a CPU user would pick instead, llama.cpp (F32 and Q4_0 GGUF of the same weights)."""
     wide, quant = exports["wide"], exports["wide_int4"]
-    model = quant.model(threads)
-    lengths = sorted(decode["onnx_ms"])
-    print(f"int4 decode at {lengths} cached tokens, prefill, resident memory", flush=True)
+    lengths = sorted(decode)
     out = {"setup": {**setup, **quant.describe(), "dtype": "int4 weights (MatMulNBits, block 32, accuracy_level 4), "
                                                            "fp32 activations and cache"},
            **{key: model.manifest["quantization"][key] for key in ("scheme", "quality", "weight_rel_error",
                                                                    "budget_applies")},
-           "decode_ms": {n: measure.onnx_step_ms(model, n, 1) for n in lengths},
-           "prefill_ms": measure.onnx_step_ms(model, prefill["setup"]["cache_tokens"], prefill["setup"]["new_tokens"],
-                                              repeat=3)}
-    past = floors["setup"]["cache_tokens"]
-    out["decode_bytes"] = measure.decoder_bytes(model, past)
-    out["decode_read_floor_ms"] = out["decode_bytes"] / floors["read_gbs"] / 1e6
-    out["achieved_gbs"] = out["decode_bytes"] / out["decode_ms"][past] / 1e6
-    del model
+           "decode_ms": {n: statistics.median(decode[n]["int4"]) for n in lengths},
+           "vs_fp32": {n: measure.ratio(decode[n]["onnx"], decode[n]["int4"]) for n in lengths},
+           "vs_torch": {n: measure.ratio(decode[n]["torch"], decode[n]["int4"]) for n in lengths},
+           "prefill_ms": statistics.median(prefill["int4"]),
+           "prefill_vs_fp32": measure.ratio(prefill["onnx"], prefill["int4"]),
+           "prefill_vs_torch": measure.ratio(prefill["torch"], prefill["int4"])}
+    print("resident memory", flush=True)
     out["resident_mib"] = {"fp32": measure.resident_mib(wide.graphs, threads),
                            "int4": measure.resident_mib(quant.graphs, threads)}
     if quick:
@@ -108,56 +132,63 @@ def _int4(exports, setup: dict, decode: dict, prefill: dict, floors: dict, threa
     return out
 
 
-def _floors(model, wide, setup: dict, decode: dict, prefill: dict, vision: dict, threads: int, quick: bool) -> dict:
+def _floors(floors, model, int4, results: dict, quick: bool) -> dict:
     """What this machine allows at best: a decode step must stream its weights and cache from memory, a prefill and
-    a vision call must do their multiply-adds. Each floor, and the speed-up over transformers it caps, is measured
-    in this run."""
-    copy_gbs = measure.copy_bandwidth_gbs(64 if quick else 512)
-    read_gbs = measure.read_bandwidth_gbs(threads, 64 if quick else 512)
-    gflops = measure.gemm_gflops(threads, *((64, 256, 256) if quick else ()))
-    past = 256 if quick else 4096
-    decode_bytes = measure.decoder_bytes(model, past)
+    a vision call must do their multiply-adds. Floors divide by the best probe figure of the run; a step measured
+    under its floor means a probe under-measured the machine (enforced unless --quick, whose tiny model sits in
+    the caches). The int4 prefill has no floor here: with int8 products it may legitimately beat an fp32 rate."""
+    decode, prefill, vision, q = results["decode"], results["prefill"], results["vision"], results["int4"]
+    lengths = sorted(decode["onnx_ms"])
+    out = {"setup": {**results["decode"]["setup"], "prefill": "{new_tokens} tokens onto {cache_tokens}".format(
+        **prefill["setup"])}, **floors.report(), "enforced": not quick}
+    steps = []  # (what, measured ms, floor ms)
+    for name, m, ms in (("fp32", model, decode["onnx_ms"]), ("int4", int4, q["decode_ms"])):
+        out[f"{name}_decode_bytes"] = {n: measure.decoder_bytes(m, n) for n in lengths}
+        out[f"{name}_decode_floor_ms"] = {n: out[f"{name}_decode_bytes"][n] / floors.read / 1e6 for n in lengths}
+        out[f"{name}_decode_vs_floor"] = {n: ms[n] / out[f"{name}_decode_floor_ms"][n] for n in lengths}
+        steps += [(f"{name} decode step at {n}", ms[n], out[f"{name}_decode_floor_ms"][n]) for n in lengths]
     cache, new = prefill["setup"]["cache_tokens"], prefill["setup"]["new_tokens"]
-    prefill_flops = measure.decoder_flops(model, cache, new)
-    read_floor_ms = decode_bytes / read_gbs / 1e6
-    prefill_floor_ms = prefill_flops / gflops / 1e6
-    vision_flops = measure.vision_flops(model, *vision["setup"]["patch_grid"])
-    vision_floor_ms = vision_flops / gflops / 1e6
-    return {"setup": {**setup, **wide.describe(), "cache_tokens": past, "prefill": f"{new} tokens onto {cache}"},
-            "copy_gbs": copy_gbs, "decode_bytes": decode_bytes, "decode_floor_ms": decode_bytes / copy_gbs / 1e6,
-            "decode_ms": decode["onnx_ms"][past], "achieved_gbs": decode_bytes / decode["onnx_ms"][past] / 1e6,
-            "read_gbs": read_gbs, "decode_read_floor_ms": read_floor_ms,
-            "decode_speedup_bound": decode["torch_ms"][past] / read_floor_ms,
-            "gemm_gflops": gflops, "prefill_flops": prefill_flops, "prefill_floor_ms": prefill_floor_ms,
-            "prefill_speedup_bound": prefill["torch_ms"] / prefill_floor_ms,
-            "prefill_achieved_gflops": prefill_flops / prefill["onnx_ms"] / 1e6,
-            "vision_flops": vision_flops, "vision_floor_ms": vision_floor_ms,
-            "vision_vs_floor": vision["onnx_ms"] / vision_floor_ms,
-            "vision_speedup_bound": vision["torch_ms"] / vision_floor_ms,
-            "vision_achieved_gflops": vision_flops / vision["onnx_ms"] / 1e6}
+    out["prefill_flops"] = measure.decoder_flops(model, cache, new)
+    out["vision_flops"] = measure.vision_flops(model, *vision["setup"]["patch_grid"])
+    for name, section in (("prefill", prefill), ("vision", vision)):
+        floor = out[f"{name}_flops"] / floors.gemm / 1e6
+        out |= {f"{name}_floor_ms": floor, f"{name}_vs_floor": section["onnx_ms"] / floor,
+                f"{name}_speedup_bound": section["torch_ms"] / floor,
+                f"{name}_achieved_gflops": out[f"{name}_flops"] / section["onnx_ms"] / 1e6}
+        steps.append((f"fp32 {name}", section["onnx_ms"], floor))
+    at = FLOOR_AT if FLOOR_AT in lengths else lengths[-1]
+    out["floor_at"] = at
+    out["decode_speedup_bound"] = decode["torch_ms"][at] / out["fp32_decode_floor_ms"][at]
+    out["below_floor"] = [f"{what}: {ms:.1f} ms under its floor {floor:.1f} ms" for what, ms, floor in steps
+                          if ms < floor]
+    return out
 
 
 def summary_of(results: dict) -> dict:
-    decode, e2e = results["decode"], results["end_to_end"]
+    decode, e2e, b, q = results["decode"], results["end_to_end"], results["bandwidth"], results["int4"]
     lengths = sorted(decode["onnx_ms"])
-    floor_at = results["bandwidth"]["setup"]["cache_tokens"]
+    at = b["floor_at"]
     return {
         "decode_ms": {str(n): decode["onnx_ms"][n] for n in lengths},
         "torch_decode_ms": {str(n): decode["torch_ms"][n] for n in lengths},
+        "decode_speedup": {str(n): decode["speedup"][n]["median"] for n in lengths},
         "decode_flatness": decode["onnx_ms"][lengths[-1]] / decode["onnx_ms"][lengths[0]],
         "prefill_ms": results["prefill"]["onnx_ms"], "torch_prefill_ms": results["prefill"]["torch_ms"],
+        "prefill_speedup": results["prefill"]["speedup"]["median"],
         "vision_ms_per_chunk": results["vision"]["onnx_ms"], "torch_vision_ms_per_chunk": results["vision"]["torch_ms"],
-        "bandwidth_gbs": results["bandwidth"]["copy_gbs"], "decode_floor_ms": results["bandwidth"]["decode_floor_ms"],
-        "decode_floor_cache_tokens": floor_at,
-        "decode_vs_floor": results["bandwidth"]["decode_ms"] / results["bandwidth"]["decode_floor_ms"],
-        **{key: results["bandwidth"][key] for key in (
-            "read_gbs", "decode_read_floor_ms", "decode_speedup_bound", "gemm_gflops", "prefill_floor_ms",
-            "prefill_speedup_bound", "vision_floor_ms", "vision_vs_floor", "vision_speedup_bound")},
+        "vision_speedup": results["vision"]["speedup"]["median"],
+        "read_gbs": b["read_gbs"], "read_method": b["read_method"], "gemm_gflops": b["gemm_gflops"],
+        "noisy": b["noisy"], "probe_drift": b["drift"], "below_floor": b["below_floor"], "floor_cache_tokens": at,
+        "decode_read_floor_ms": b["fp32_decode_floor_ms"][at], "decode_vs_floor": b["fp32_decode_vs_floor"][at],
+        "int4_decode_vs_floor": b["int4_decode_vs_floor"][at],
+        **{key: b[key] for key in ("decode_speedup_bound", "prefill_floor_ms", "prefill_speedup_bound",
+                                   "vision_floor_ms", "vision_vs_floor", "vision_speedup_bound")},
         "rtf": e2e["tiny"]["onnx"]["rtf"], "torch_rtf": e2e["tiny"]["torch"]["rtf"],
-        "int4_decode_ms": {str(n): results["int4"]["decode_ms"][n] for n in lengths},
-        "int4_prefill_ms": results["int4"]["prefill_ms"], "rtf_real_width_int4": e2e["wide_int4"]["onnx"]["rtf"],
-        "int4_resident_mib": results["int4"]["resident_mib"]["int4"]["rss_mib"],
-        "fp32_resident_mib": results["int4"]["resident_mib"]["fp32"]["rss_mib"],
+        "int4_decode_ms": {str(n): q["decode_ms"][n] for n in lengths},
+        "int4_prefill_ms": q["prefill_ms"], "int4_prefill_vs_fp32": q["prefill_vs_fp32"]["median"],
+        "rtf_real_width_int4": e2e["wide_int4"]["onnx"]["rtf"],
+        "int4_resident_mib": q["resident_mib"]["int4"]["rss_mib"],
+        "fp32_resident_mib": q["resident_mib"]["fp32"]["rss_mib"],
         "rtf_real_width": e2e["wide"]["onnx"]["rtf"], "torch_rtf_real_width": e2e["wide"]["torch"]["rtf"],
     }
 
@@ -198,39 +229,52 @@ def _plot_decode(out: Path, decode: dict) -> None:
     plt.close(fig)
 
 
+def _x(r: dict) -> str:
+    """A per-round ratio: median (range)."""
+    return f"{r['median']:.2f}x ({r['range'][0]:.2f}-{r['range'][1]:.2f})"
+
+
 def _table(results: dict, summary: dict) -> str:
     d, s = results["decode"], results["decode"]["setup"]
-    rows = [f"| decode step, cache {n} | {d['onnx_ms'][n]:.1f} ms | {d['torch_ms'][n]:.1f} ms | "
-            f"{d['torch_ms'][n] / d['onnx_ms'][n]:.2f}x |" for n in sorted(d["onnx_ms"])]
+    rows = [f"| decode step, cache {n} | {d['onnx_ms'][n]:.1f} ms | {d['torch_ms'][n]:.1f} ms | {_x(d['speedup'][n])} |"
+            for n in sorted(d["onnx_ms"])]
     p, v = results["prefill"], results["vision"]
     rows.append(f"| chunk prefill ({p['setup']['new_tokens']} tokens onto {p['setup']['cache_tokens']}) | "
-                f"{p['onnx_ms']:.0f} ms | {p['torch_ms']:.0f} ms | {p['torch_ms'] / p['onnx_ms']:.2f}x |")
-    rows.append(f"| vision, 1 chunk {v['setup']['frame'][1]}x{v['setup']['frame'][0]} x2 frames | {v['onnx_ms']:.0f} ms | "
-                f"{v['torch_ms']:.0f} ms | {v['torch_ms'] / v['onnx_ms']:.2f}x |")
+                f"{p['onnx_ms']:.0f} ms | {p['torch_ms']:.0f} ms | {_x(p['speedup'])} |")
+    rows.append(f"| vision, 1 chunk {v['setup']['frame'][1]}x{v['setup']['frame'][0]} x2 frames | "
+                f"{v['onnx_ms']:.0f} ms | {v['torch_ms']:.0f} ms | {_x(v['speedup'])} |")
     e = results["end_to_end"]
     for name in ("tiny", "wide"):
-        rows.append(f"| end to end, {name} ({e[name]['setup']['video_seconds']} s clip) | RTF {e[name]['onnx']['rtf']:.2f} | "
-                    f"RTF {e[name]['torch']['rtf']:.2f} | {e[name]['onnx']['rtf'] / e[name]['torch']['rtf']:.2f}x |")
+        run = e[name]
+        rows.append(f"| end to end, {name} ({run['setup']['video_seconds']} s clip) | RTF {run['onnx']['rtf']:.2f} | "
+                    f"RTF {run['torch']['rtf']:.2f} | {run['onnx']['rtf'] / run['torch']['rtf']:.2f}x |")
     b = results["bandwidth"]
+    probes = "; ".join(f"{p['when']}: " + ", ".join(f"{k} {v:.1f}" for k, v in p["read_gbs"].items())
+                       + f" GB/s, {p['gemm_gflops']:.0f} GFLOP/s" for p in b["probes"])
+    at = b["floor_at"]
+    verdict = ("NOISY RUN: the first and last probes differ by more than 15%; do not quote it" if b["noisy"] else
+               "not noisy (first and last probes within 15%)")
+    below = ("Steps under their floor (a probe under-measured the machine): " + "; ".join(b["below_floor"])
+             if b["below_floor"] else "No step ran under its floor.")
     return "\n".join([
         "# Benchmark results", "",
         f"Setup: {s['machine']}, {s['cores']} cores, {s['threads']} threads, {s['provider']}, {s['dtype']}; model: "
         f"hidden {s['hidden']}, {s['heads']}/{s['kv_heads']} heads, head_dim {s['head_dim']}, FFN {s['ffn']}, "
         f"vocab {s['vocab']}, {s['layers']} decoder layers, {s['vision_layers']} vision layers of width "
-        f"{s['vision_hidden']}. RTF = seconds of video per second of wall time.", "",
+        f"{s['vision_hidden']}. RTF = seconds of video per second of wall time. Ours and theirs timed in turn, "
+        f"{s['rounds']} rounds: medians, and the speed-up as the median of the per-round ratios (range).", "",
         "| what | ONNX Runtime | transformers | speed-up |", "|---|---|---|---|", *rows, "",
-        f"Memory copy bandwidth {b['copy_gbs']:.1f} GB/s; a decode step at {b['setup']['cache_tokens']} cached tokens "
-        f"must read {b['decode_bytes'] / 1e9:.2f} GB: floor {b['decode_floor_ms']:.1f} ms, measured "
-        f"{b['decode_ms']:.1f} ms ({summary['decode_vs_floor']:.2f}x the floor, {b['achieved_gbs']:.1f} GB/s).", "",
-        f"What the machine allows: streaming reads (a fp32 GEMV over 512 MB) reach {b['read_gbs']:.1f} GB/s, so no "
-        f"decode step at {b['setup']['cache_tokens']} tokens can take under {b['decode_read_floor_ms']:.1f} ms: at most "
-        f"{b['decode_speedup_bound']:.2f}x faster than transformers. fp32 matrix products reach "
-        f"{b['gemm_gflops']:.0f} GFLOP/s; the prefill ({b['setup']['prefill']}) is {b['prefill_flops'] / 1e9:.0f} "
-        f"GFLOP, so it cannot take under {b['prefill_floor_ms']:.0f} ms: at most {b['prefill_speedup_bound']:.2f}x "
-        f"faster than transformers (measured: {b['prefill_achieved_gflops']:.0f} GFLOP/s). The vision call is "
+        f"Probes ({verdict}): {probes}. Floors divide by the best: read {b['read_gbs']:.1f} GB/s ({b['read_method']}), "
+        f"fp32 products {b['gemm_gflops']:.0f} GFLOP/s. {below}", "",
+        f"A decode step at {at} cached tokens must read {b['fp32_decode_bytes'][at] / 1e9:.2f} GB: floor "
+        f"{b['fp32_decode_floor_ms'][at]:.1f} ms, measured {d['onnx_ms'][at]:.1f} ms "
+        f"({b['fp32_decode_vs_floor'][at]:.2f}x the floor); so at most {b['decode_speedup_bound']:.2f}x faster than "
+        f"transformers. The prefill ({b['setup']['prefill']}) is {b['prefill_flops'] / 1e9:.0f} GFLOP: floor "
+        f"{b['prefill_floor_ms']:.0f} ms, measured {p['onnx_ms']:.0f} ms ({b['prefill_vs_floor']:.2f}x; at most "
+        f"{b['prefill_speedup_bound']:.2f}x faster than transformers). The vision call is "
         f"{b['vision_flops'] / 1e9:.0f} GFLOP: floor {b['vision_floor_ms']:.0f} ms, measured {v['onnx_ms']:.0f} ms "
-        f"({b['vision_vs_floor']:.2f}x the floor, {b['vision_achieved_gflops']:.0f} GFLOP/s); at most "
-        f"{b['vision_speedup_bound']:.2f}x faster than transformers.", "",
+        f"({b['vision_vs_floor']:.2f}x the floor); at most {b['vision_speedup_bound']:.2f}x faster than "
+        "transformers.", "",
         f"Decode flatness: {summary['decode_flatness']:.2f}x from {min(d['onnx_ms'])} to {max(d['onnx_ms'])} cached "
         "tokens.", "",
     ] + _int4_table(results))
@@ -238,7 +282,7 @@ def _table(results: dict, summary: dict) -> str:
 
 def _int4_table(results: dict) -> list[str]:
     """int4 beside fp32, transformers and llama.cpp, same weights, same run."""
-    q, d, e = results["int4"], results["decode"], results["end_to_end"]
+    q, d, e, b = results["int4"], results["decode"], results["end_to_end"], results["bandwidth"]
     peer = q["llama_cpp"]
     f32, q40 = peer.get("f32_ms", {}), peer.get("q4_0_ms", {})
 
@@ -247,22 +291,22 @@ def _int4_table(results: dict) -> list[str]:
         return f"{value:.1f} ms" if value else "-"
 
     rows = [f"| decode step, cache {n} | {d['onnx_ms'][n]:.1f} ms | {q['decode_ms'][n]:.1f} ms | "
-            f"{d['onnx_ms'][n] / q['decode_ms'][n]:.2f}x | {d['torch_ms'][n]:.1f} ms | "
-            f"{d['torch_ms'][n] / q['decode_ms'][n]:.2f}x | {ms(f32, n)} | {ms(q40, n)} |"
-            for n in sorted(q["decode_ms"])]
+            f"{_x(q['vs_fp32'][n])} | {d['torch_ms'][n]:.1f} ms | {_x(q['vs_torch'][n])} | "
+            f"{b['int4_decode_vs_floor'][n]:.2f}x | {ms(f32, n)} | {ms(q40, n)} |" for n in sorted(q["decode_ms"])]
     p = results["prefill"]
     rows.append(f"| chunk prefill ({p['setup']['new_tokens']} onto {p['setup']['cache_tokens']}) | "
-                f"{p['onnx_ms']:.0f} ms | {q['prefill_ms']:.0f} ms | {p['onnx_ms'] / q['prefill_ms']:.2f}x | "
-                f"{p['torch_ms']:.0f} ms | {p['torch_ms'] / q['prefill_ms']:.2f}x | | |")
+                f"{p['onnx_ms']:.0f} ms | {q['prefill_ms']:.0f} ms | {_x(q['prefill_vs_fp32'])} | "
+                f"{p['torch_ms']:.0f} ms | {_x(q['prefill_vs_torch'])} | | | |")
     w, w4 = e["wide"], e["wide_int4"]
     rows.append(f"| end to end ({w['setup']['video_seconds']} s clip) | RTF {w['onnx']['rtf']:.2f} | RTF "
                 f"{w4['onnx']['rtf']:.2f} | {w4['onnx']['rtf'] / w['onnx']['rtf']:.2f}x | "
-                f"RTF {w['torch']['rtf']:.2f} | {w4['onnx']['rtf'] / w['torch']['rtf']:.2f}x | | |")
+                f"RTF {w['torch']['rtf']:.2f} | {w4['onnx']['rtf'] / w['torch']['rtf']:.2f}x | | | |")
     r = q["resident_mib"]
     quality = q["quality"]
     peer_line = (f"llama.cpp: {peer['error']}" if "error" in peer else
                  f"llama.cpp {peer['setup'].get('version', '')}: the same weights converted by its own converter, "
-                 f"{peer['setup'].get('threads')} threads; setup {json.dumps(peer['setup'])}")
+                 f"{peer['setup'].get('threads')} threads, timed in its own process after ours (not in turn); "
+                 f"setup {json.dumps(peer['setup'])}")
     eight = ", ".join(q["scheme"]["eight_bit"]) or "nothing"
     ppl = "-" if quality["ppl_ratio"] is None else f"{quality['ppl_ratio']:.4f}"
     return [
@@ -272,12 +316,9 @@ def _int4_table(results: dict) -> list[str]:
         f"fp32. Against the fp32 graphs (teacher forced, {quality['positions']} positions): mean KL "
         f"{quality['mean_kl']:.4f} nats, top-1 {quality['top1']:.1%} ({quality['top1_rule']}), ppl ratio {ppl}; "
         f"each matrix's rounding error {q['weight_rel_error']['mean']:.4f} (budget applies "
-        f"{q['budget_applies']}).", "",
-        "| what | ONNX fp32 | ONNX int4 | int4 vs fp32 | transformers fp32 | int4 vs transformers | llama.cpp F32 | "
-        "llama.cpp Q4_0 |", "|---|---|---|---|---|---|---|---|", *rows, "",
-        f"A decode step at {results['bandwidth']['setup']['cache_tokens']} cached tokens reads "
-        f"{q['decode_bytes'] / 1e9:.2f} GB with int4 weights: floor {q['decode_read_floor_ms']:.1f} ms at the measured "
-        f"{results['bandwidth']['read_gbs']:.1f} GB/s (achieved {q['achieved_gbs']:.1f} GB/s).", "",
+        f"{q['budget_applies']}). Timed in the same rounds as fp32 and transformers.", "",
+        "| what | ONNX fp32 | ONNX int4 | int4 vs fp32 | transformers fp32 | int4 vs transformers | "
+        "int4 vs its floor | llama.cpp F32 | llama.cpp Q4_0 |", "|---|---|---|---|---|---|---|---|---|", *rows, "",
         f"Resident memory, both decoder sessions loaded and run once: fp32 {r['fp32']['rss_mib']:.0f} MiB (weights "
         f"memory-mapped, shared), int4 {r['int4']['rss_mib']:.0f} MiB (one prepacked copy per session).", "",
         peer_line, "",

@@ -1,7 +1,10 @@
-"""Timings of one decoder step, one chunk prefill and one vision call, for ONNX Runtime and for transformers.
+"""Timings of one decoder step, one chunk prefill and one vision call, for ONNX Runtime and for transformers, and
+probes of what the machine allows (read bandwidth, matrix-product rate).
 
-Each number is the median of several runs after a warm-up, on the same random inputs for both sides. These
-functions are shared by `make bench` and the GPU check script.
+The callables (`onnx_step`, `torch_step`, ...) are timed in turn by `rounds`, so that the machine's drift (2x
+between runs on these virtual machines, and within a run) hits every side alike; each figure is a median over
+rounds, and each ratio (`ratio`) the median of the per-round ratios with its range. These functions are shared by
+`make bench` and the GPU check script.
 """
 
 import statistics
@@ -12,15 +15,34 @@ import numpy as np
 from runtime.model import Model
 
 
+def call_ms(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
 def median_ms(fn, repeat: int = 5, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(call_ms(fn) for _ in range(repeat))
+
+
+def rounds(sides: dict, count: int = 5, warmup: int = 1) -> dict[str, list[float]]:
+    """{name: callable} timed in turn (a, b, c, a, b, c, ...), `count` rounds after `warmup`: {name: [ms]}."""
+    for _ in range(warmup):
+        for fn in sides.values():
+            fn()
+    times = {name: [] for name in sides}
+    for _ in range(count):
+        for name, fn in sides.items():
+            times[name].append(call_ms(fn))
+    return times
+
+
+def ratio(slow: list[float], fast: list[float]) -> dict:
+    """How many times faster `fast` ran than `slow`, round by round: the median and the range."""
+    r = [a / b for a, b in zip(slow, fast)]
+    return {"median": statistics.median(r), "range": [min(r), max(r)]}
 
 
 def step_feeds(model: Model, past: int, new: int, batch: int = 1) -> dict:
@@ -39,14 +61,14 @@ def step_feeds(model: Model, past: int, new: int, batch: int = 1) -> dict:
     return feeds
 
 
-def onnx_step_ms(model: Model, past: int, new: int, repeat: int = 5, static: bool = False) -> float:
+def onnx_step(model: Model, past: int, new: int, static: bool = False):
     """One decoder call over `new` tokens onto `past` cached tokens (static: a session fixed to these shapes)."""
     feeds = step_feeds(model, past, new)
     session = model.session(model.step_graph(new), {"batch": 1, "past": past, "new": new} if static else None)
-    return median_ms(lambda: session.run(["logits"], feeds), repeat)
+    return lambda: session.run(["logits"], feeds)
 
 
-def torch_step_ms(hf_model, past: int, new: int, repeat: int = 5) -> float:
+def torch_step(hf_model, past: int, new: int):
     """The transformers step the way generate() takes it: sdpa attention, a DynamicCache that grows by `new`."""
     import torch
     from transformers import DynamicCache
@@ -68,7 +90,7 @@ def torch_step_ms(hf_model, past: int, new: int, repeat: int = 5) -> float:
             hf_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask, cache=cache, use_cache=True,
                      logits_to_keep=1)
 
-    return median_ms(step, repeat)
+    return step
 
 
 def static_step_ms(model: Model, capacity: int, repeat: int = 5) -> float:
@@ -83,16 +105,15 @@ def static_step_ms(model: Model, capacity: int, repeat: int = 5) -> float:
     return median_ms(lambda: engine.run(embeds, deepstack, position, slot), repeat)
 
 
-def onnx_vision_ms(model: Model, grid_h: int, grid_w: int, frames: int = 1, repeat: int = 3,
-                   static: bool = False) -> float:
+def onnx_vision(model: Model, grid_h: int, grid_w: int, frames: int = 1, static: bool = False):
     rng = np.random.default_rng(0)
     row = model.manifest["vision"]["in_channels"] * model.manifest["vision"]["temporal_patch_size"] \
         * model.manifest["vision"]["patch_size"] ** 2
     patches = rng.standard_normal((frames, grid_h * grid_w, row), dtype=np.float32)
-    return median_ms(lambda: model.encode_video(patches, grid_h, grid_w, static), repeat)
+    return lambda: model.encode_video(patches, grid_h, grid_w, static)
 
 
-def torch_vision_ms(hf_model, grid_h: int, grid_w: int, frames: int = 1, repeat: int = 3) -> float:
+def torch_vision(hf_model, grid_h: int, grid_w: int, frames: int = 1):
     import torch
 
     cfg = hf_model.config.vision_config
@@ -105,50 +126,114 @@ def torch_vision_ms(hf_model, grid_h: int, grid_w: int, frames: int = 1, repeat:
         with torch.no_grad():
             hf_model.model.visual(pixels, grid)
 
-    return median_ms(run, repeat)
+    return run
 
 
-def copy_bandwidth_gbs(megabytes: int = 512, repeat: int = 5) -> float:
-    """This machine's memory copy bandwidth (bytes read + written per second), the floor's denominator."""
-    src = np.ones(megabytes * 2**20, np.uint8)
-    dst = np.empty_like(src)
-    ms = median_ms(lambda: np.copyto(dst, src), repeat)
-    return 2 * src.nbytes / (ms / 1e3) / 1e9
-
-
-def _matmul_session(m: int, k: int, n: int, threads: int):
-    """One MatMul with both operands as inputs (so, like the runtime's shared weights, never prepacked)."""
+def _session(node, inputs: dict, threads: int, initializers=()):
+    """One node as an ONNX Runtime session with the runtime's settings; `inputs` {name: (dtype, shape)}."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"])], "matmul",
-                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k]),
-                               helper.make_tensor_value_info("b", TensorProto.FLOAT, [k, n])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])])
+    types = {np.float32: TensorProto.FLOAT, np.uint8: TensorProto.UINT8}
+    graph = helper.make_graph([node], "probe",
+                              [helper.make_tensor_value_info(name, types[t], shape)
+                               for name, (t, shape) in inputs.items()],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], list(initializers))
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def read_bandwidth_gbs(threads: int, megabytes: int = 512, repeat: int = 5) -> float:
-    """Streaming read bandwidth as a decode step sees it: a 1 x 4096 by 4096 x N fp32 product (the GEMV kernel
-    every weight of a decode step goes through) over a matrix far larger than the caches."""
-    k = 4096
-    n = megabytes * 2**20 // (4 * k)
-    session = _matmul_session(1, k, n, threads)
-    feeds = {"a": np.ones((1, k), np.float32), "b": np.ones((k, n), np.float32)}
-    ms = median_ms(lambda: session.run(None, feeds), repeat)
-    return feeds["b"].nbytes / (ms / 1e3) / 1e9
+def _best_ms(fn, repeat: int) -> float:
+    """The fastest of `repeat` calls after a warm-up: a probe wants what the machine can do, not its usual."""
+    fn()
+    return min(call_ms(fn) for _ in range(repeat))
+
+
+def read_gbs(threads: int, megabytes: int = 512, repeat: int = 5) -> dict[str, float]:
+    """Streaming read bandwidth (GB/s) by three methods, each over data far larger than the caches and the best of
+    `repeat` calls: "gemv", ONNX Runtime's fp32 1 x 4096 by 4096 x N product with the matrix as an input (never
+    prepacked: the kernel every fp32 weight of a decode step goes through); "int4_gemv", its MatMulNBits (4 bits,
+    block 32, accuracy_level 4, prepacked: the int4 decode's kernel), counting packed codes and scales; "numpy",
+    numpy summing a float32 array on one core (no ONNX Runtime at all)."""
+    from onnx import helper, numpy_helper
+
+    k, size = 4096, megabytes * 2**20
+    out = {}
+    matrix = np.ones((k, size // (4 * k)), np.float32)
+    gemv = _session(helper.make_node("MatMul", ["a", "b"], ["y"]),
+                    {"a": (np.float32, [1, k]), "b": (np.float32, list(matrix.shape))}, threads)
+    feeds = {"a": np.ones((1, k), np.float32), "b": matrix}
+    out["gemv"] = matrix.nbytes / _best_ms(lambda: gemv.run(None, feeds), repeat) / 1e6
+    del gemv, feeds, matrix
+    n = size // (k // 2 + k // 32 * 4)  # columns: 4-bit codes and one fp32 scale per 32 weights
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 256, (n, k // 32, 16), dtype=np.uint8)
+    scales = np.full((n, k // 32), 0.01, np.float32)
+    int4 = _session(helper.make_node("MatMulNBits", ["a", "B", "scales"], ["y"], domain="com.microsoft", K=k, N=n,
+                                     bits=4, block_size=32, accuracy_level=4),
+                    {"a": (np.float32, [1, k])}, threads,
+                    [numpy_helper.from_array(codes, "B"), numpy_helper.from_array(scales, "scales")])
+    a = {"a": np.ones((1, k), np.float32)}
+    out["int4_gemv"] = (codes.nbytes + scales.nbytes) / _best_ms(lambda: int4.run(None, a), repeat) / 1e6
+    del int4, codes
+    flat = np.ones(size // 4, np.float32)
+    out["numpy"] = flat.nbytes / _best_ms(flat.sum, repeat) / 1e6
+    return out
 
 
 def gemm_gflops(threads: int, m: int = 740, k: int = 2560, n: int = 9728, repeat: int = 3) -> float:
-    """fp32 matrix-product throughput at a prefill's shape (a chunk times the 4B FFN's up projection)."""
-    session = _matmul_session(m, k, n, threads)
+    """fp32 matrix-product throughput at a prefill's shape (a chunk times the 4B FFN's up projection), the best of
+    `repeat` calls."""
+    from onnx import helper
+
+    session = _session(helper.make_node("MatMul", ["a", "b"], ["y"]),
+                       {"a": (np.float32, [m, k]), "b": (np.float32, [k, n])}, threads)
     rng = np.random.default_rng(0)
     feeds = {"a": rng.standard_normal((m, k), dtype=np.float32), "b": rng.standard_normal((k, n), dtype=np.float32)}
-    ms = median_ms(lambda: session.run(None, feeds), repeat)
-    return 2 * m * k * n / (ms / 1e3) / 1e9
+    return 2 * m * k * n / _best_ms(lambda: session.run(None, feeds), repeat) / 1e6
+
+
+class Floors:
+    """The best read bandwidth and matrix-product rate this machine showed in a run, probed at several points of it
+    (before and after the timed sections): a floor divides by the best figure seen, so no honest step can beat it.
+    A run whose first and last probes disagree by more than NOISY is flagged as noisy."""
+
+    NOISY = 0.15
+
+    def __init__(self, threads: int, quick: bool):
+        self.threads, self.quick, self.probes = threads, quick, []
+
+    def probe(self, when: str) -> None:
+        read = read_gbs(self.threads, 64 if self.quick else 512)
+        gemm = gemm_gflops(self.threads, *((64, 256, 256) if self.quick else ()))
+        self.probes.append({"when": when, "read_gbs": read, "gemm_gflops": gemm})
+        print(f"probe ({when}): read {', '.join(f'{k} {v:.1f}' for k, v in read.items())} GB/s; "
+              f"fp32 products {gemm:.0f} GFLOP/s", flush=True)
+
+    @property
+    def read(self) -> float:
+        return max(max(p["read_gbs"].values()) for p in self.probes)
+
+    @property
+    def gemm(self) -> float:
+        return max(p["gemm_gflops"] for p in self.probes)
+
+    def drift(self) -> dict:
+        """Relative difference of the first and the last probe's best figures."""
+        first, last = self.probes[0], self.probes[-1]
+        pairs = {"read": (max(first["read_gbs"].values()), max(last["read_gbs"].values())),
+                 "gemm": (first["gemm_gflops"], last["gemm_gflops"])}
+        return {k: abs(a - b) / max(a, b) for k, (a, b) in pairs.items()}
+
+    def report(self) -> dict:
+        drift = self.drift()
+        best = max(((v, k) for p in self.probes for k, v in p["read_gbs"].items()))
+        return {"probes": self.probes, "read_gbs": self.read, "read_method": best[1], "gemm_gflops": self.gemm,
+                "drift": drift, "noisy": any(v > self.NOISY for v in drift.values())}
 
 
 def decoder_flops(model: Model, past: int, new: int) -> int:

@@ -11,14 +11,20 @@ def test_quick_bench_writes_well_formed_results(tmp_path, monkeypatch):
     out = tmp_path / "results"
     assert main(["--quick", "--results", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("decode_ms", "torch_decode_ms", "prefill_ms", "torch_prefill_ms", "vision_ms_per_chunk",
-                "bandwidth_gbs", "decode_floor_ms", "rtf", "torch_rtf", "decode_speedup_bound", "prefill_floor_ms",
-                "vision_floor_ms", "vision_vs_floor"):
+    for key in ("decode_ms", "torch_decode_ms", "decode_speedup", "prefill_ms", "torch_prefill_ms",
+                "vision_ms_per_chunk", "read_gbs", "gemm_gflops", "noisy", "below_floor", "decode_read_floor_ms",
+                "rtf", "torch_rtf", "decode_speedup_bound", "prefill_floor_ms", "vision_floor_ms", "vision_vs_floor"):
         assert key in summary, key
+    assert not {"bandwidth_gbs", "decode_floor_ms", "copy_gbs"} & set(summary)  # the old copy-bandwidth floor
     assert set(summary["decode_ms"]) == set(summary["torch_decode_ms"]) and all(
         v > 0 for v in summary["decode_ms"].values())
     decode = json.loads((out / "decode.json").read_text())
-    assert {"provider", "dtype", "threads", "hidden", "layers"} <= set(decode["setup"])
+    assert {"provider", "dtype", "threads", "hidden", "layers", "rounds"} <= set(decode["setup"])
+    floors = json.loads((out / "bandwidth.json").read_text())
+    assert [p["when"] for p in floors["probes"]] == ["start", "after the timed sections", "end"]
+    assert set(floors["probes"][0]["read_gbs"]) == {"gemv", "int4_gemv", "numpy"}
+    assert floors["read_gbs"] == max(max(p["read_gbs"].values()) for p in floors["probes"])
+    assert not floors["enforced"]  # --quick's tiny model sits in the caches: a floor there means nothing
     assert "| decode step" in (out / "README.md").read_text()
 
     assert soak(["--minutes", "0.1", "--results", str(out)]) == 0
@@ -87,3 +93,32 @@ def test_streams_bench_measures_batched_steps_and_a_server(tiny_graphs, tmp_path
     assert row["streams"] == 2 and len(row["dropped"]) == 2 and row["media_per_wall_second"] > 0
     assert row["mean_batch"] is not None and row["lag_p90"] is not None
     assert real_time([row], True, chunk=1e9) in (0, 2)
+
+
+def test_floors_divide_by_the_best_probe_and_catch_a_step_under_its_floor(tiny_graphs):
+    """A floor divides by the best figure any probe saw; a run whose first and last probes differ by more than 15%
+    is flagged noisy; a step measured under its floor is named (make bench then fails)."""
+    from bench.__main__ import _floors
+    from bench.measure import Floors, decoder_bytes, decoder_flops
+    from runtime.manifest import Manifest
+    from runtime.model import Model
+
+    model = Model(Manifest.load(tiny_graphs))
+    floors = Floors(threads=2, quick=False)
+    floors.probes = [
+        {"when": "start", "read_gbs": {"gemv": 10.0, "int4_gemv": 12.0, "numpy": 4.0}, "gemm_gflops": 50.0},
+        {"when": "end", "read_gbs": {"gemv": 9.0, "int4_gemv": 9.5, "numpy": 4.0}, "gemm_gflops": 80.0}]
+    floor_64 = decoder_bytes(model, 64) / 12e9 * 1e3  # ms at the best read figure (int4_gemv, start)
+    decode = {"setup": {"threads": 2}, "onnx_ms": {64: floor_64 * 0.9, 4096: 1e4}, "torch_ms": {64: 1.0, 4096: 1.0}}
+    prefill = {"setup": {"cache_tokens": 64, "new_tokens": 8}, "onnx_ms": 1e4, "torch_ms": 1e4}
+    vision = {"setup": {"patch_grid": [4, 8]}, "onnx_ms": 1e4, "torch_ms": 1e4}
+    results = {"decode": decode, "prefill": prefill, "vision": vision,
+               "int4": {"decode_ms": {64: 1e4, 4096: 1e4}}}
+    out = _floors(floors, model, model, results, quick=False)
+    assert out["read_gbs"] == 12.0 and out["read_method"] == "int4_gemv" and out["gemm_gflops"] == 80.0
+    assert abs(out["fp32_decode_floor_ms"][64] - floor_64) < 1e-12
+    assert abs(out["prefill_floor_ms"] - decoder_flops(model, 64, 8) / 80e9 * 1e3) < 1e-12
+    assert out["noisy"] and abs(out["drift"]["gemm"] - 30 / 80) < 1e-12  # read: 12 -> 9.5 is 21%, also noisy
+    assert len(out["below_floor"]) == 1 and out["below_floor"][0].startswith("fp32 decode step at 64")
+    decode["onnx_ms"][64] = floor_64 * 1.1
+    assert _floors(floors, model, model, results, quick=False)["below_floor"] == []
