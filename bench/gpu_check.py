@@ -1,12 +1,14 @@
 """The GPU check (scripts/gpu_check.sh runs it): the real 4B widths with a few layers and random weights, exported
-in fp32, fp16 and int4 (4-bit MatMulNBits weights), streamed on the GPU provider with static shapes and the
+in fp32, fp16, int4 (4-bit MatMulNBits weights, fp32 activations) and int4-fp16 (the same with fp16 activations,
+the configuration GPUs run), streamed on the GPU provider with static shapes and the
 device-resident cache.
 
     python -m bench.gpu_check --provider cuda|migraphx [--seconds 8]
 
 Prints which nodes ran on which provider (no CPU fallback expected), ms per decode token, ms per 1-s chunk
-prefill, vision ms per chunk, peak device memory, fp16- and int4-vs-fp32 agreement, and int4's decode speed-up over
-fp16 (where MatMulNBits runs, and whether 4-bit weights pay off on a GPU); writes them to gpu_check.json.
+prefill, vision ms per chunk, peak device memory, each one's agreement with fp32, and the int4 graphs' decode
+speed-up over fp16 (where MatMulNBits runs, and whether 4-bit weights pay off on a GPU); writes them to
+gpu_check.json.
 """
 
 import argparse
@@ -104,8 +106,9 @@ def main(argv=None) -> int:
     p.add_argument("--provider", default="auto")
     p.add_argument("--seconds", type=int, default=8)
     p.add_argument("--out", default="gpu_check.json")
-    p.add_argument("--dtypes", default="fp32,fp16,int4",
-                   help="fp16 on the CPU provider needs fp32 copies per session; int4: 4-bit weights, fp32 activations")
+    p.add_argument("--dtypes", default="fp32,fp16,int4,int4-fp16",
+                   help="fp16 on the CPU provider needs fp32 copies per session; int4: 4-bit weights, fp32 "
+                        "activations; int4-fp16: 4-bit weights, fp16 activations")
     args = p.parse_args(argv)
     providers = choose(args.provider)
     options = provider_options(providers[0])
@@ -115,9 +118,9 @@ def main(argv=None) -> int:
         ["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip() if shutil.which("nvidia-smi") else ""}
     replies, dtypes = {}, args.dtypes.split(",")
     for dtype in dtypes:
-        # int4: the fp32 export's weights in 4 bits (MatMulNBits), activations and cache fp32
-        exports = build_exports(Path("build/bench"), dtype="fp32" if dtype == "int4" else dtype)
-        wide = exports["wide_int4" if dtype == "int4" else "wide"]
+        # int4: the fp32 export's weights in 4 bits (MatMulNBits), activations and cache fp32; int4-fp16: the fp16's
+        exports = build_exports(Path("build/bench"), dtype={"int4": "fp32", "int4-fp16": "fp16"}.get(dtype, dtype))
+        wide = exports["wide_int4" if dtype.startswith("int4") else "wide"]
         model = wide.model(providers=providers, options=options)  # one model: its sessions share weights
         with DeviceMemory() as memory:  # the stream alone: compiled programs, weights, cache, activations
             replies[dtype], report[dtype] = stream(model, clip, args.seconds)
@@ -135,7 +138,7 @@ def main(argv=None) -> int:
                                               for graph, new in (("decoder", 1), ("prefill", 64))}
         report["setup"] = {**wide.describe(), "frame": [1280, 720], "seconds": args.seconds}
         del model
-    for other in ("fp16", "int4"):
+    for other in ("fp16", "int4", "int4-fp16"):
         if "fp32" not in replies or other not in replies:
             continue
         pairs = list(zip(replies["fp32"], replies[other]))
@@ -143,9 +146,10 @@ def main(argv=None) -> int:
             "first_chunk_max_logit_error": float(np.abs(pairs[0][0].logits - pairs[0][1].logits).max()),
             "first_chunk_top1_equal": bool(pairs[0][0].logits.argmax() == pairs[0][1].logits.argmax()),
             "chunks_with_identical_text": sum(a.tokens == b.tokens for a, b in pairs), "chunks": len(pairs)}
-    if "int4" in report and "fp16" in report:  # the question a GPU user asks: is int4 faster than fp16 there?
-        report["int4_vs_fp16_decode_speedup"] = {n: report["fp16"]["decode_ms_by_cache"][n] / ms
-                                                 for n, ms in report["int4"]["decode_ms_by_cache"].items()}
+    for int4 in ("int4", "int4-fp16"):  # the question a GPU user asks: are 4-bit weights faster than fp16 there?
+        if int4 in report and "fp16" in report:
+            report[f"{int4}_vs_fp16_decode_speedup"] = {n: report["fp16"]["decode_ms_by_cache"][n] / ms
+                                                        for n, ms in report[int4]["decode_ms_by_cache"].items()}
     report["seconds"] = time.perf_counter() - started
     Path(args.out).write_text(json.dumps(report, indent=1, default=float) + "\n")
     for dtype in dtypes:
@@ -153,8 +157,10 @@ def main(argv=None) -> int:
         print(f"{dtype}: nodes {r['nodes_by_provider']}; decode {r['decode_ms_per_token']:.1f} ms/token, "
               f"prefill {r['prefill_ms_per_chunk']:.0f} ms/chunk, vision {r['vision_ms_per_chunk']:.0f} ms/chunk, "
               f"decode step by cache {r['decode_ms_by_cache']}, peak device memory {r['peak_device_memory_mib']:.0f} MiB")
-    print(f"fp16 vs fp32 {report.get('fp16_vs_fp32')}; int4 vs fp32 {report.get('int4_vs_fp32')}; int4 decode "
-          f"speed-up over fp16 {report.get('int4_vs_fp16_decode_speedup')}; {report['seconds']:.0f} s")
+    for other in ("fp16", "int4", "int4-fp16"):
+        print(f"{other} vs fp32 {report.get(f'{other}_vs_fp32')}; decode speed-up over fp16 "
+              f"{report.get(f'{other}_vs_fp16_decode_speedup', '-')}")
+    print(f"{report['seconds']:.0f} s")
     fallback = providers[0] != "CPUExecutionProvider" and any(
         nodes.get("CPUExecutionProvider", 0) for d in dtypes for nodes in report[d]["nodes_by_provider"].values())
     return 1 if fallback else 0

@@ -63,8 +63,9 @@ def build_exports(root: Path, quick: bool = False, dtype: str = "fp32") -> dict[
     wide = _export(ExportOptions(str(folder), root / f"{folder.name}-{dtype}", dtype=dtype, random_weights=True,
                                  verify=False), log=print)
     models["wide"] = BenchModel(wide, str(folder))
-    if dtype == "fp32":  # the int4 graphs are made from the fp32 ones and measured against them
-        int4 = _export(ExportOptions(str(folder), root / f"{folder.name}-int4", random_weights=True, verify=False,
-                                     quant="int4"), log=print)
-        models["wide_int4"] = BenchModel(int4, str(folder))
+    # int4 weights with this dtype's activations, made from (and measured against) these float graphs
+    name = f"{folder.name}-int4" if dtype == "fp32" else f"{folder.name}-int4-{dtype}"
+    int4 = _export(ExportOptions(str(folder), root / name, dtype=dtype, random_weights=True, verify=False,
+                                 quant="int4"), log=print)
+    models["wide_int4"] = BenchModel(int4, str(folder))
     return models

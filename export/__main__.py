@@ -23,7 +23,7 @@ def main(argv=None) -> int:
                         help="skip the proof on MIGraphX's ref target (run when its Python module is importable)")
     parser.add_argument("--quant", choices=QUANTS,
                         help="4-bit weights in the decoder's matrix products, held to the quality budget against "
-                             "the fp32 graphs (default out: graphs/<name>-int4)")
+                             "the float graphs of --dtype (default out: graphs/<name>-int4)")
     parser.add_argument("--quant-form", choices=FORMS, default="matmulnbits",
                         help="com.microsoft MatMulNBits (default) or standard DequantizeLinear + MatMul (opset 21)")
     args = parser.parse_args(argv)

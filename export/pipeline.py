@@ -47,9 +47,8 @@ class ExportOptions:
 def run(opts: ExportOptions, log=print) -> Path:
     if opts.dtype not in DTYPES:
         raise SourceError(f"dtype {opts.dtype!r} is not available yet; use one of {', '.join(DTYPES)}")
-    if opts.quant is not None and (opts.quant not in QUANTS or opts.dtype != "fp32"):
-        raise SourceError(f"quantization {opts.quant!r} with dtype {opts.dtype} is not available; use QUANT=int4 "
-                          "with DTYPE=fp32 (the quantized weights come from the fp32 export)")
+    if opts.quant is not None and opts.quant not in QUANTS:
+        raise SourceError(f"quantization {opts.quant!r} is not available; use one of {', '.join(QUANTS)}")
     if opts.quant_form not in quantize.FORMS:
         raise SourceError(f"unknown quantized form {opts.quant_form!r}; use one of {', '.join(quantize.FORMS)}")
     source = resolve(opts.model, opts.random_weights)
@@ -117,9 +116,10 @@ def run(opts: ExportOptions, log=print) -> Path:
 
 
 def _quantize(out: Path, manifest: dict, opts: ExportOptions, random_weights: bool, log) -> dict:
-    """Quantize the decoder graphs and hold them to the quality budget (export/quality.py) against these fp32
-    graphs, keeping more at 8 bits step by step (`quality.ladder`) until it holds; fail if it never does."""
-    log("quality reference: the fp32 graphs, teacher forced over the fixed text and video prompts")
+    """Quantize the decoder graphs and hold them to the quality budget (export/quality.py) against the float graphs
+    they come from (fp32, or fp16: int4 weights with fp16 activations), keeping more at 8 bits step by step
+    (`quality.ladder`) until it holds; fail if it never does."""
+    log(f"quality reference: the {opts.dtype} graphs, teacher forced over the fixed text and video prompts")
     reference = quality.run(Model(Manifest(out, manifest)))
     stage = out / STAGE
     table = np.load(out / manifest["embeddings"]["file"], mmap_mode="r")
@@ -132,7 +132,7 @@ def _quantize(out: Path, manifest: dict, opts: ExportOptions, random_weights: bo
         np.save(stage / "embed_tokens.npy", table.astype(np.float16))  # looked up, never multiplied: fp16 is plenty
         candidate = {**manifest, "graphs": {**manifest["graphs"], **_contracts(stage, prefix=STAGE + "/")},
                      "embeddings": {**manifest["embeddings"], "file": f"{STAGE}/embed_tokens.npy", "dtype": "float16"}}
-        log(f"measuring {opts.quant} ({', '.join(eight_bit) or 'nothing'} at 8 bits) against the fp32 graphs")
+        log(f"measuring {opts.quant} ({', '.join(eight_bit) or 'nothing'} at 8 bits) against the {opts.dtype} graphs")
         metrics = quality.compare(reference, quality.run(Model(Manifest(out, candidate))), not random_weights)
         problems = quality.failures(metrics, stats["weight_rel_error"]["max"], not random_weights)
         log("  " + ", ".join(f"{k} {metrics[k]:.4g}" for k in quality.BUDGET if metrics[k] is not None) + (
@@ -158,7 +158,7 @@ def _quantize(out: Path, manifest: dict, opts: ExportOptions, random_weights: bo
             "budget": quality.BUDGET if not random_weights else {"weight_rel_error_max": quality.WEIGHT_ERROR},
             "budget_applies": "end to end (trained weights)" if not random_weights else
             "per matrix (random weights: the end-to-end numbers are recorded; see export/quality.py)",
-            "reference": "this export's fp32 ONNX graphs (ONNX Runtime, CPU)"}
+            "reference": f"this export's {opts.dtype} ONNX graphs (ONNX Runtime, CPU)"}
 
 
 def _contracts(folder: Path, prefix: str = "") -> dict:

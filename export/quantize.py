@@ -1,14 +1,17 @@
 """Weight-only int4 (or int8) quantization of the decoder's matrix products, one weight at a time.
 
 A decode step streams every weight from memory once per token, so its time is bytes: 4-bit weights in blocks of 32
-with one fp32 scale per block are 0.156x the fp32 bytes. What stays float: the vision encoder (a separate graph),
-every norm, RoPE, softmax, the DeepStack adds and the KV cache (none of them is a MatMul on a weight), and the
-attention products (both operands are activations).
+with one fp32 scale per block are 0.156x the fp32 bytes. The scales take the weight's float type: fp32, or fp16 in
+an fp16 export (MatMulNBits and DequantizeLinear give their output the scales' type, which must be the
+activations'). What stays float: the vision encoder (a separate graph), every norm, RoPE, softmax, the DeepStack
+adds and the KV cache (none of them is a MatMul on a weight), and the attention products (both operands are
+activations).
 
 Symmetric blocks: each block's scale is its largest-magnitude value divided by -2^(bits-1), so that value lands
-exactly on the code -2^(bits-1) and the others round onto [-2^(bits-1), 2^(bits-1) - 1]; no zero points (a
-quantizer that writes float zero points sends ONNX Runtime down a slow path). Rounding is numpy's round-half-even
-in float32: the same weights give the same bytes.
+exactly on the code -2^(bits-1) and the others round onto [-2^(bits-1), 2^(bits-1) - 1] (an fp16 weight over a
+power of two is an exact fp16 scale unless it underflows; the codes are computed against the scale as stored); no
+zero points (a quantizer that writes float zero points sends ONNX Runtime down a slow path). Rounding is numpy's
+round-half-even in float32: the same weights give the same bytes.
 
 Two forms of the same numbers:
 - `matmulnbits`: com.microsoft MatMulNBits (B packed [N, K/block, block*bits/8], codes stored +2^(bits-1)), with
@@ -46,21 +49,23 @@ class Scheme:
     eight_bit: tuple = ()
 
     def describe(self) -> dict:
-        return {**asdict(self), "symmetric": True, "zero_points": None, "scales": "float32, one per block",
+        return {**asdict(self), "symmetric": True, "zero_points": None,
+                "scales": "one per block, in the weight's float type (float32 or float16)",
                 "float": ["vision encoder", "embedding table (fp16)", "norms", "RoPE", "softmax", "attention",
                           "DeepStack adds", "KV cache"]}
 
 
-def quantize_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """w [N, K] float -> codes [N, K] int8 in [-2^(bits-1), 2^(bits-1) - 1] and scales [N, K/block] float32, with
-    w ~= codes * scale blockwise along K."""
+def quantize_blocks(w: np.ndarray, bits: int, block: int, scale_dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """w [N, K] float -> codes [N, K] int8 in [-2^(bits-1), 2^(bits-1) - 1] and scales [N, K/block] of
+    `scale_dtype`, with w ~= codes * scale blockwise along K."""
     n, k = w.shape
     blocks = np.asarray(w, np.float32).reshape(n, k // block, block)
     idx = np.abs(blocks).argmax(axis=2)[..., None]
     scales = np.take_along_axis(blocks, idx, axis=2)[..., 0] / -float(2 ** (bits - 1))
+    scales = scales.astype(scale_dtype).astype(np.float32)
     safe = np.where(scales == 0, 1.0, scales).astype(np.float32)
     codes = np.clip(np.round(blocks / safe[..., None]), -2 ** (bits - 1), 2 ** (bits - 1) - 1)
-    return codes.astype(np.int8).reshape(n, k), scales.astype(np.float32)
+    return codes.astype(np.int8).reshape(n, k), scales.astype(scale_dtype)
 
 
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:
@@ -73,7 +78,7 @@ def pack_nibbles(codes: np.ndarray) -> np.ndarray:
 def dequantize(codes: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:
     """The float weights a quantized [N, K] matrix stands for (tests and the quality report use it)."""
     n, k = codes.shape
-    return (codes.reshape(n, k // block, block).astype(np.float32) * scales[..., None]).reshape(n, k)
+    return (codes.reshape(n, k // block, block).astype(np.float32) * scales[..., None].astype(np.float32)).reshape(n, k)
 
 
 @dataclass
@@ -85,6 +90,11 @@ class _Weight:
     dims: tuple
     transposed: bool  # stored [N, K] (Gemm transB=1: the LM head) rather than [K, N]
     module: str  # the PyTorch module it came from ("layers.3.mlp.down_proj", "lm_head")
+    data_type: int = TensorProto.FLOAT  # or FLOAT16 (an fp16 export): the scales are written in it
+
+    @property
+    def dtype(self):
+        return np.float16 if self.data_type == TensorProto.FLOAT16 else np.float32
 
     @property
     def kn(self) -> tuple[int, int]:
@@ -99,7 +109,7 @@ def _external(tensor: TensorProto) -> dict | None:
 
 
 def _targets(model: onnx.ModelProto, block: int) -> dict[str, _Weight]:
-    """The nodes to quantize (by node output name): MatMul(x, W) and Gemm(x, W) with W a 2-D fp32 external weight
+    """The nodes to quantize (by node output name): MatMul(x, W) and Gemm(x, W) with W a 2-D float external weight
     whose inner dim is a whole number of blocks, each with the module it came from."""
     inits = {t.name: t for t in model.graph.initializer}
     found = {}
@@ -113,9 +123,10 @@ def _targets(model: onnx.ModelProto, block: int) -> dict[str, _Weight]:
         if node.op_type == "Gemm" and not plain:  # a bias, a transposed input or a scale: not a plain product
             continue
         transposed = bool(attrs.get("transB", 0))
-        if where is None or len(tensor.dims) != 2 or tensor.data_type != TensorProto.FLOAT:
+        if where is None or len(tensor.dims) != 2 or tensor.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
             continue
-        weight = _Weight(**where, dims=tuple(tensor.dims), transposed=transposed, module=_module(node))
+        weight = _Weight(**where, dims=tuple(tensor.dims), transposed=transposed, module=_module(node),
+                         data_type=tensor.data_type)
         if weight.kn[0] % block == 0:
             found[node.output[0]] = weight
     return found
@@ -133,8 +144,8 @@ def _module(node) -> str:
 
 def _read_nk(folder: Path, w: _Weight, rows: slice) -> np.ndarray:
     """Output columns `rows` of a weight as [n, K] float32, read from its memory-mapped data file."""
-    data = np.memmap(folder / w.location, dtype=np.float32, mode="r", offset=w.offset, shape=tuple(w.dims))
-    return np.ascontiguousarray(data[rows] if w.transposed else data[:, rows].T)
+    data = np.memmap(folder / w.location, dtype=w.dtype, mode="r", offset=w.offset, shape=tuple(w.dims))
+    return np.ascontiguousarray(data[rows] if w.transposed else data[:, rows].T, dtype=np.float32)
 
 
 class _DataFile:
@@ -213,7 +224,7 @@ def quantize_folder(folder: Path, out: Path, scheme: Scheme, graphs=("decoder", 
     for graph, model in models.items():
         onnx.save_model(model, str(out / f"{graph}.onnx"))
     stats["weight_rel_error"] = {"max": max(errors), "mean": sum(errors) / len(errors)}
-    log(f"quantized {stats['quantized_matrices']} matrices: {stats['float_bytes'] / 2**20:.0f} MiB of fp32 -> "
+    log(f"quantized {stats['quantized_matrices']} matrices: {stats['float_bytes'] / 2**20:.0f} MiB of float -> "
         f"{stats['quantized_bytes'] / 2**20:.0f} MiB; weight error |W - Wq| / |W| mean "
         f"{stats['weight_rel_error']['mean']:.4f}, max {stats['weight_rel_error']['max']:.4f}")
     return stats
@@ -236,7 +247,7 @@ def _write_quantized(folder: Path, w: _Weight, data: _DataFile, scheme: Scheme,
     codes, scales, squares = [], [], np.zeros(2)
     for start in range(0, n, ROWS_PER_PASS):
         slab = _read_nk(folder, w, slice(start, min(n, start + ROWS_PER_PASS)))
-        c, s = quantize_blocks(slab, bits, scheme.block_size)
+        c, s = quantize_blocks(slab, bits, scheme.block_size, w.dtype)
         squares += (float(np.square(slab - dequantize(c, s, scheme.block_size)).sum()), float(np.square(slab).sum()))
         if form == "matmulnbits":  # [n, K/block, block*bits/8] of unsigned codes
             u = (c.astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8)
@@ -248,13 +259,13 @@ def _write_quantized(folder: Path, w: _Weight, data: _DataFile, scheme: Scheme,
     if form == "matmulnbits":
         blocks = k // scheme.block_size
         b = data.write(f"{name}.B", codes, TensorProto.UINT8, (n, blocks, scheme.block_size * bits // 8))
-        sc = data.write(f"{name}.scales", scales, TensorProto.FLOAT, (n, blocks))
+        sc = data.write(f"{name}.scales", scales, w.data_type, (n, blocks))
         return [b, sc], float(np.sqrt(squares[0] / max(squares[1], 1e-30)))
     kn = np.concatenate(codes).T  # [K, N] int8 codes: 1 byte per code while packing, then half that
     flat = kn.reshape(-1)
     packed = pack_nibbles(flat) if bits == 4 else flat
     b = data.write(f"{name}.B", [packed], TensorProto.INT4 if bits == 4 else TensorProto.INT8, (k, n))
-    sc = data.write(f"{name}.scales", [np.concatenate(scales).T], TensorProto.FLOAT, (k // scheme.block_size, n))
+    sc = data.write(f"{name}.scales", [np.concatenate(scales).T], w.data_type, (k // scheme.block_size, n))
     return [b, sc], float(np.sqrt(squares[0] / max(squares[1], 1e-30)))
 
 

@@ -34,24 +34,25 @@ def micro_int4(tmp_path_factory):
     return run(ExportOptions("micro", tmp_path_factory.mktemp("q") / "micro-int4", quant="int4"))
 
 
-def _two_products(folder, k=64, n=48, head=40, seed=0):
-    """decoder.onnx: y = x @ W (MatMul) and z = x @ H^T (Gemm transB, as the exporter writes the LM head)."""
+def _two_products(folder, k=64, n=48, head=40, seed=0, dtype=np.float32):
+    """decoder.onnx: y = x @ W (MatMul) and z = x @ H^T (Gemm transB, as the exporter writes the LM head), in
+    `dtype` (weights and activations)."""
     rng = np.random.default_rng(seed)
-    w, h = rng.standard_normal((k, n), np.float32), rng.standard_normal((head, k), np.float32) * 0.1
+    w, h = rng.standard_normal((k, n)).astype(dtype), (rng.standard_normal((head, k)) * 0.1).astype(dtype)
     w[3, 5] = 0.0
     w[:32, 0] = 0.0  # an all-zero block: scale 0 must not divide by zero
+    t = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"),
          helper.make_node("Gemm", ["x", "H"], ["z"], name="head", transB=1)], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n]),
-         helper.make_tensor_value_info("z", TensorProto.FLOAT, [3, head])],
+        [helper.make_tensor_value_info("x", t, [3, k])],
+        [helper.make_tensor_value_info("y", t, [3, n]), helper.make_tensor_value_info("z", t, [3, head])],
         [numpy_helper.from_array(w, "W"), numpy_helper.from_array(h, "H")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     folder.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(folder / "decoder.onnx"), save_as_external_data=True, location="decoder.onnx.data",
                      size_threshold=0)
-    return w, h, rng.standard_normal((3, k), np.float32)
+    return w, h, rng.standard_normal((3, k)).astype(dtype)
 
 
 def test_blocks_round_to_their_nearest_code():
@@ -69,12 +70,15 @@ def test_blocks_round_to_their_nearest_code():
                        w.reshape(8, 3, 32)[np.arange(8)[:, None], np.arange(3), extreme])  # ...the extreme exact
 
 
-@pytest.mark.parametrize("form,head_bits", [("matmulnbits", 4), ("dequantizelinear", 4), ("matmulnbits", 8)])
-def test_onnx_runtime_computes_the_dequantized_weights(tmp_path, form, head_bits):
+@pytest.mark.parametrize("form,head_bits,dtype", [("matmulnbits", 4, np.float32), ("dequantizelinear", 4, np.float32),
+                                                  ("matmulnbits", 8, np.float32), ("matmulnbits", 4, np.float16),
+                                                  ("dequantizelinear", 4, np.float16)])
+def test_onnx_runtime_computes_the_dequantized_weights(tmp_path, form, head_bits, dtype):
     """Packing and layout: ONNX Runtime on the written graph (float activations) equals x @ the dequantized
     weights computed here in numpy, for a MatMul and a transposed Gemm (the LM head; at 8 bits always written as
-    DequantizeLinear, which MIGraphX parses and ONNX Runtime fuses)."""
-    w, h, x = _two_products(tmp_path / "fp32")
+    DequantizeLinear, which MIGraphX parses and ONNX Runtime fuses). fp16 weights get fp16 scales (the type of the
+    activations and of the output)."""
+    w, h, x = _two_products(tmp_path / "fp32", dtype=dtype)
     scheme = Scheme(form=form, accuracy_level=0, eight_bit=("lm_head",) if head_bits == 8 else ())
     quantize_folder(tmp_path / "fp32", tmp_path / "q", scheme, graphs=("decoder",), log=lambda *_: None)
     graph = onnx.load(str(tmp_path / "q" / "decoder.onnx"), load_external_data=False)
@@ -86,10 +90,16 @@ def test_onnx_runtime_computes_the_dequantized_weights(tmp_path, form, head_bits
     assert check_model(graph) == []  # every form written is one MIGraphX's execution provider takes
     options = ort.SessionOptions()
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    scales = {t.name: t.data_type for t in graph.graph.initializer if t.name.endswith(".scales")}
+    assert set(scales.values()) == {helper.np_dtype_to_tensor_dtype(np.dtype(dtype))}
     y, z = ort.InferenceSession(str(tmp_path / "q" / "decoder.onnx"), options).run(None, {"x": x})
-    wq, hq = dequantize(*quantize_blocks(w.T, 4, 32), 32).T, dequantize(*quantize_blocks(h, head_bits, 32), 32)
-    assert np.abs(y - x @ wq).max() < 1e-4 and np.abs(z - x @ hq.T).max() < 1e-5
-    assert np.abs(y - x @ w).max() > 1e-2  # and that is not the float product
+    assert y.dtype == z.dtype == dtype
+    wq = dequantize(*quantize_blocks(w.T.astype(np.float32), 4, 32, dtype), 32).T
+    hq = dequantize(*quantize_blocks(h.astype(np.float32), head_bits, 32, dtype), 32)
+    x32 = x.astype(np.float32)
+    tolerance = 1e-4 if dtype == np.float32 else 2e-3 * np.abs(x32 @ wq).max()  # fp16 output: 11-bit mantissa
+    assert np.abs(y - x32 @ wq).max() < tolerance and np.abs(z - x32 @ hq.T).max() < tolerance / 10
+    assert np.abs(y - x32 @ w.astype(np.float32)).max() > 1e-2  # and that is not the float product
 
 
 def test_micro_int4_export_holds_the_budget(micro_int4):
@@ -142,6 +152,39 @@ def test_dequantizelinear_form_is_the_same_model(micro_int4, tmp_path):
         assert problems == []
         rewrites = {op for r in results for op in r.rewrites}
         assert ("MatMulNBits" if folder == micro_int4 else "DequantizeLinear") in rewrites
+
+
+def test_int4_weights_with_fp16_activations(micro_graphs, tmp_path):
+    """QUANT=int4 DTYPE=fp16, the configuration GPUs run: the fp16 export (norms, RoPE and softmax in their fp32
+    islands) is proven against transformers within the fp16 budget, then its matrices go to 4 bits with fp16 scales
+    (MatMulNBits then takes and gives fp16) and hold the int4 quality budget against those fp16 graphs, and against
+    the fp32 graphs too; the stream still says true things; and where MIGraphX's ref target is here the export proved
+    the graphs on it (ONNX Runtime's CPU provider runs fp16 MatMulNBits itself)."""
+    out = run(ExportOptions("micro", tmp_path / "m16q", dtype="fp16", quant="int4"))
+    manifest = Manifest.load(out)
+    q = manifest["quantization"]
+    assert manifest["dtype"] == "fp16" and q["reference"].startswith("this export's fp16 ONNX graphs")
+    assert manifest["verification"]["greedy_agreement"] >= 0.9  # the fp16 graphs, before quantization
+    assert q["scheme"]["eight_bit"] == [] and q["budget_applies"].startswith("end to end")
+    within_budget(q["quality"])
+    graph = onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    nodes = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 29 and {types[n.input[2]] for n in nodes} == {TensorProto.FLOAT16}
+    assert check(out) == []
+    from export import quality
+    from runtime.accuracy import score, stream
+
+    model = Model(manifest, threads=2)
+    within_budget(quality.compare(quality.run(Model(Manifest.load(micro_graphs))), quality.run(model), True))
+    table = score(stream(model, seed=11, seconds=60)).row()
+    assert table["exact"] >= 0.9, table
+    try:
+        migraphx_ref.load()
+    except migraphx_ref.Unavailable:
+        return  # tests/test_migraphx_ref.py skips (or, in CI, fails) on the same condition
+    proof = manifest["verification"]["migraphx_ref"]
+    assert isinstance(proof, dict) and any(label.startswith("decoder.onnx") for label in proof), proof
 
 
 def test_a_missed_budget_keeps_more_at_8_bits(tmp_path, monkeypatch):
