@@ -10,7 +10,7 @@ EXPORT_FLAGS = --model $(MODEL) --dtype $(DTYPE) $(if $(OUT),--out $(OUT)) \
 	$(if $(RANDOM_WEIGHTS),--random-weights) $(if $(FORCE),--force) $(if $(NO_VERIFY),--no-verify) \
 	$(if $(QUANT),--quant $(QUANT)) $(if $(QUANT_FORM),--quant-form $(QUANT_FORM))
 
-.PHONY: setup export check demo train-micro micro-accuracy test bench bench-streams bench-cluster soak gpu-check clean
+.PHONY: setup export check demo train-micro micro-accuracy test bench bench-full bench-streams bench-cluster soak gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -50,6 +50,12 @@ bench: setup
 	$(BIN)/python -m pip install -q -e '.[export,dev,bench]'
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.streams
+
+# The whole model (MODEL, default Qwen3-VL-4B, random weights) in int4 against llama.cpp Q4_0 of the same weights,
+# timed in turn; not part of `make bench` (about an hour here the first time, mostly the export and the conversion).
+bench-full: setup
+	$(BIN)/python -m pip install -q -e '.[export,dev,bench]'
+	$(BIN)/python -m bench.full $(if $(filter command line,$(origin MODEL)),--model $(MODEL))
 
 # Only the "streams" section (batched decode steps, the server with N streams batched and unbatched).
 bench-streams: setup

@@ -48,18 +48,37 @@ def main(argv=None) -> int:
     floors.probe("start")
 
     wide, quant = exports["wide"], exports["wide_int4"]
-    model, int4, hf = wide.model(threads), quant.model(threads), wide.hf_model()
     count = setup["rounds"]
     lengths = (64, 256) if args.quick else CACHE_LENGTHS
-    print(f"decode step at {lengths} cached tokens ({wide.describe()['model']}): fp32, int4, transformers in turn",
-          flush=True)
-    decode = {n: measure.rounds({"onnx": measure.onnx_step(model, n, 1), "int4": measure.onnx_step(int4, n, 1),
-                                 "torch": measure.torch_step(hf, n, 1)}, count) for n in lengths}
-    print("chunk prefill: fp32, int4, transformers in turn", flush=True)
     past = 256 if args.quick else 8192
     new = 24 if args.quick else CHUNK_VISION_TOKENS + CHUNK_TEXT_TOKENS
+    if args.quick:
+        peers = {"error": "not run by --quick"}
+    else:  # before our models load: a first run builds the GGUF files from its own copy of the weights
+        from .llama_cpp import open_peers
+
+        print("llama.cpp (the peer): F32 and Q4_0 GGUF of the same weights, each in its own process", flush=True)
+        peers = open_peers(wide.source, max(*lengths, past + new), threads, Path("build/bench/llama"))
+    llama = peers.get("peers", {})
+    model, int4, hf = wide.model(threads), quant.model(threads), wide.hf_model()
+    names = ", ".join(["fp32", "int4", "transformers", *(f"llama.cpp {kind}" for kind in llama)])
+    print(f"decode step at {lengths} cached tokens ({wide.describe()['model']}): {names} in turn", flush=True)
+    decode = {}
+    for n in lengths:
+        fills = {kind: peer.fill(n) for kind, peer in llama.items()}
+        decode[n] = measure.rounds({"onnx": measure.onnx_step(model, n, 1), "int4": measure.onnx_step(int4, n, 1),
+                                    "torch": measure.torch_step(hf, n, 1),
+                                    **{f"llama_{kind}": measure.SelfTimed(peer.step) for kind, peer in llama.items()}},
+                                   count)
+        for kind, fill in fills.items():
+            peers["result"]["fill"][kind][n] = fill
+    print(f"chunk prefill ({new} tokens onto {past}): {names} in turn", flush=True)
+    for peer in llama.values():
+        peer.fill(past)
     prefill = measure.rounds({"onnx": measure.onnx_step(model, past, new), "int4": measure.onnx_step(int4, past, new),
-                              "torch": measure.torch_step(hf, past, new)}, count)
+                              "torch": measure.torch_step(hf, past, new),
+                              **{f"llama_{kind}": measure.SelfTimed(lambda p=peer: p.prefill(new))
+                                 for kind, peer in llama.items()}}, count)
     grid = (4, 8) if args.quick else (40, 72)  # patches of a 640 x 1152 frame pair
     print("vision: ONNX Runtime, transformers in turn", flush=True)
     vision = measure.rounds({"onnx": measure.onnx_vision(model, *grid), "torch": measure.torch_vision(hf, *grid)},
@@ -71,7 +90,7 @@ def main(argv=None) -> int:
                           **_compare(prefill, "onnx", "torch")}
     results["vision"] = {"setup": {**setup, **wide.describe(), "frame": [grid[0] * 16, grid[1] * 16], "frames": 2,
                                    "patch_grid": list(grid)}, **_compare(vision, "onnx", "torch")}
-    results["int4"] = _int4(exports, int4, setup, decode, prefill, threads, args.quick)
+    results["int4"] = _int4(exports, int4, setup, decode, prefill, threads, peers)
     floors.probe("end")
     results["bandwidth"] = _floors(floors, model, int4, results, args.quick)
     del model, int4
@@ -104,9 +123,9 @@ def _compare(times: dict, ours: str, theirs: str) -> dict:
             "speedup": {n: measure.ratio(t[theirs], t[ours]) for n, t in times.items()}}
 
 
-def _int4(exports, model, setup: dict, decode: dict, prefill: dict, threads: int, quick: bool) -> dict:
-    """The int4 export of the same model beside fp32 and transformers (timed in the same rounds), resident memory of
-    both, and the peer a CPU user would pick instead, llama.cpp (F32 and Q4_0 GGUF of the same weights)."""
+def _int4(exports, model, setup: dict, decode: dict, prefill: dict, threads: int, peers: dict) -> dict:
+    """The int4 export of the same model beside fp32, transformers and the peer a CPU user would pick instead,
+    llama.cpp (F32 and Q4_0 GGUF of the same weights), all timed in the same rounds; resident memory of ours."""
     wide, quant = exports["wide"], exports["wide_int4"]
     lengths = sorted(decode)
     out = {"setup": {**setup, **quant.describe(), "dtype": "int4 weights (MatMulNBits, block 32, accuracy_level 4), "
@@ -122,13 +141,20 @@ def _int4(exports, model, setup: dict, decode: dict, prefill: dict, threads: int
     print("resident memory", flush=True)
     out["resident_mib"] = {"fp32": measure.resident_mib(wide.graphs, threads),
                            "int4": measure.resident_mib(quant.graphs, threads)}
-    if quick:
-        out["llama_cpp"] = {"error": "not run by --quick"}
-    else:
-        from .llama_cpp import peer_rows
+    if "error" in peers:
+        out["llama_cpp"] = peers
+        return out
+    from .llama_cpp import close_peers
 
-        print("llama.cpp (the peer): F32 and Q4_0 GGUF of the same weights", flush=True)
-        out["llama_cpp"] = peer_rows(wide.source, lengths, threads, Path("build/bench/llama"))
+    peer = out["llama_cpp"] = close_peers(peers)
+    peer["setup"]["timed"] = "in turn with ours, each step timed inside llama.cpp's process"
+    for kind in ("f32", "q4_0"):
+        times = {n: decode[n][f"llama_{kind}"] for n in lengths}
+        peer[f"{kind}_ms"] = {n: statistics.median(t) for n, t in times.items()}
+        peer["steps_ms"][kind] = {n: [round(ms, 2) for ms in t] for n, t in times.items()}
+        peer[f"{kind}_prefill_ms"] = statistics.median(prefill[f"llama_{kind}"])
+    out["vs_q4_0"] = {n: measure.ratio(decode[n]["llama_q4_0"], decode[n]["int4"]) for n in lengths}
+    out["prefill_vs_q4_0"] = measure.ratio(prefill["llama_q4_0"], prefill["int4"])
     return out
 
 
@@ -286,26 +312,27 @@ def _int4_table(results: dict) -> list[str]:
     peer = q["llama_cpp"]
     f32, q40 = peer.get("f32_ms", {}), peer.get("q4_0_ms", {})
 
-    def ms(table, n):
-        value = table.get(n, table.get(str(n)))
-        return f"{value:.1f} ms" if value else "-"
+    def ms(value):
+        return "-" if value is None else f"{value:.1f} ms"
 
     rows = [f"| decode step, cache {n} | {d['onnx_ms'][n]:.1f} ms | {q['decode_ms'][n]:.1f} ms | "
             f"{_x(q['vs_fp32'][n])} | {d['torch_ms'][n]:.1f} ms | {_x(q['vs_torch'][n])} | "
-            f"{b['int4_decode_vs_floor'][n]:.2f}x | {ms(f32, n)} | {ms(q40, n)} |" for n in sorted(q["decode_ms"])]
+            f"{b['int4_decode_vs_floor'][n]:.2f}x | {ms(f32.get(n))} | {ms(q40.get(n))} | "
+            f"{_x(q['vs_q4_0'][n]) if 'vs_q4_0' in q else '-'} |" for n in sorted(q["decode_ms"])]
     p = results["prefill"]
     rows.append(f"| chunk prefill ({p['setup']['new_tokens']} onto {p['setup']['cache_tokens']}) | "
                 f"{p['onnx_ms']:.0f} ms | {q['prefill_ms']:.0f} ms | {_x(q['prefill_vs_fp32'])} | "
-                f"{p['torch_ms']:.0f} ms | {_x(q['prefill_vs_torch'])} | | | |")
+                f"{p['torch_ms']:.0f} ms | {_x(q['prefill_vs_torch'])} | | {ms(peer.get('f32_prefill_ms'))} | "
+                f"{ms(peer.get('q4_0_prefill_ms'))} | {_x(q['prefill_vs_q4_0']) if 'prefill_vs_q4_0' in q else '-'} |")
     w, w4 = e["wide"], e["wide_int4"]
     rows.append(f"| end to end ({w['setup']['video_seconds']} s clip) | RTF {w['onnx']['rtf']:.2f} | RTF "
                 f"{w4['onnx']['rtf']:.2f} | {w4['onnx']['rtf'] / w['onnx']['rtf']:.2f}x | "
-                f"RTF {w['torch']['rtf']:.2f} | {w4['onnx']['rtf'] / w['torch']['rtf']:.2f}x | | | |")
+                f"RTF {w['torch']['rtf']:.2f} | {w4['onnx']['rtf'] / w['torch']['rtf']:.2f}x | | | | |")
     r = q["resident_mib"]
     quality = q["quality"]
     peer_line = (f"llama.cpp: {peer['error']}" if "error" in peer else
                  f"llama.cpp {peer['setup'].get('version', '')}: the same weights converted by its own converter, "
-                 f"{peer['setup'].get('threads')} threads, timed in its own process after ours (not in turn); "
+                 f"{peer['setup'].get('threads')} threads, in its own process, timed in turn with ours; "
                  f"setup {json.dumps(peer['setup'])}")
     eight = ", ".join(q["scheme"]["eight_bit"]) or "nothing"
     ppl = "-" if quality["ppl_ratio"] is None else f"{quality['ppl_ratio']:.4f}"
@@ -316,9 +343,10 @@ def _int4_table(results: dict) -> list[str]:
         f"fp32. Against the fp32 graphs (teacher forced, {quality['positions']} positions): mean KL "
         f"{quality['mean_kl']:.4f} nats, top-1 {quality['top1']:.1%} ({quality['top1_rule']}), ppl ratio {ppl}; "
         f"each matrix's rounding error {q['weight_rel_error']['mean']:.4f} (budget applies "
-        f"{q['budget_applies']}). Timed in the same rounds as fp32 and transformers.", "",
+        f"{q['budget_applies']}). Timed in the same rounds as fp32, transformers and llama.cpp.", "",
         "| what | ONNX fp32 | ONNX int4 | int4 vs fp32 | transformers fp32 | int4 vs transformers | "
-        "int4 vs its floor | llama.cpp F32 | llama.cpp Q4_0 |", "|---|---|---|---|---|---|---|---|---|", *rows, "",
+        "int4 vs its floor | llama.cpp F32 | llama.cpp Q4_0 | int4 vs Q4_0 |", "|---" * 10 + "|",
+        *rows, "",
         f"Resident memory, both decoder sessions loaded and run once: fp32 {r['fp32']['rss_mib']:.0f} MiB (weights "
         f"memory-mapped, shared), int4 {r['int4']['rss_mib']:.0f} MiB (one prepacked copy per session).", "",
         peer_line, "",

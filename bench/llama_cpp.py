@@ -11,7 +11,10 @@ different model. The GGUF files are kept under --root, keyed on the weights, so 
 
 Everything that calls into llama.cpp runs in a child process (`--worker`): a failed assertion in C aborts the
 process, and the bench must get a one-line error instead of dying; the child's resident memory is also llama.cpp's
-alone, not mixed with the torch model the bench holds.
+alone, not mixed with the torch model the bench holds. A `Peer` is such a child kept open and driven one command
+at a time (fill the cache to n tokens, time one decode step, time a k-token fill), so that `make bench` times
+llama.cpp's steps in turn with its own (the machine's drift hits both); each step is timed inside the child, so the
+pipe's round trip is not counted.
 
 The converter is not part of the installed wheel. It is taken from the llama-cpp-python source distribution of the
 installed version (the same llama.cpp commit as the library): $LLAMA_CPP_SRC (an unpacked llama.cpp folder or the
@@ -41,49 +44,140 @@ WORKER_MARK = "LLAMA_CPP_RESULT "  # prefixes the child's one JSON line on stdou
 
 
 def peer_rows(model, lengths=LENGTHS, threads: int = 0, root: Path = Path("build/bench/llama"), log=None) -> dict:
-    """llama.cpp's decode ms/token at each cached length for the F32 and Q4_0 GGUF of `model`.
+    """llama.cpp's decode ms/token at each cached length for the F32 and Q4_0 GGUF of `model`, alone (`make bench`
+    times the same steps in turn with ours through `open_peers`).
 
     `model` is what export.load.resolve takes (built with random weights, the bench's `BenchModel.source`) or an
     already built transformers Qwen3VLForConditionalGeneration. Passing the source is cheaper: when the GGUF files
     are already there, the 3B-parameter model is never built. Never raises: a missing or failing llama.cpp gives
     {"error": "<one line>"}.
     """
+    lengths = sorted(set(lengths))
+    peers = open_peers(model, max(lengths), threads, root, log)
+    if "error" in peers:
+        return peers
+    try:
+        result = peers["result"]
+        for kind, peer in peers["peers"].items():
+            for n in lengths:
+                result["fill"][kind][n] = peer.fill(n)
+                steps = [peer.step() for _ in range(WARMUP + STEPS)]
+                result["steps_ms"][kind][n] = [round(t, 2) for t in steps]
+                result[f"{kind}_ms"][n] = statistics.median(steps[WARMUP:])
+        return close_peers(peers)
+    except Exception as error:
+        close_peers(peers)
+        return {"error": _one_line(error)}
+
+
+def open_peers(model, longest: int, threads: int = 0, root: Path = Path("build/bench/llama"), log=None,
+               kinds=("f32", "q4_0"), base: str = "f32") -> dict:
+    """The `kinds` GGUF files of `model` (converted to `base`, f32 or f16, then quantized; built once), each loaded
+    in its own child process with a context for `longest` cached tokens and the logit check done:
+    {"peers": {kind: Peer}, "result": the setup, sizes and logit checks, with empty per-length tables}, or
+    {"error": one line}. Close with `close_peers`. f16 is for models whose F32 file would not fit (the whole 4B:
+    16 GB of F32 on a 24 GB machine); its weights are the model's rounded to fp16."""
     log = log or (lambda message: print(message, flush=True))
+    threads = threads or os.cpu_count()
     try:
-        return _peer_rows(model, sorted(set(lengths)), threads or os.cpu_count(), Path(root).resolve(), log)
+        try:
+            from importlib.metadata import version
+
+            llama_version = version("llama-cpp-python")
+        except Exception:
+            raise RuntimeError("llama-cpp-python is not installed (pip install llama-cpp-python)") from None
+        files = _build(model, Path(root).resolve(), threads, llama_version, log, base)
     except Exception as error:  # the bench reports the peer as missing and goes on
-        lines = str(error).strip().splitlines()
-        return {"error": f"{type(error).__name__}: {lines[-1] if lines else ''}".strip(": ")}
-
-
-def _peer_rows(model, lengths: list[int], threads: int, root: Path, log) -> dict:
-    try:
-        from importlib.metadata import version
-
-        llama_version = version("llama-cpp-python")
-    except Exception:
-        raise RuntimeError("llama-cpp-python is not installed (pip install llama-cpp-python)") from None
-    files = _build(model, root, threads, llama_version, log)
+        return {"error": _one_line(error)}
     result = {"setup": {"llama_cpp_python": llama_version, "llama_cpp_commit": files["commit"], "threads": threads,
                         "n_batch": N_BATCH, "n_ubatch": N_BATCH, "steps": STEPS, "warmup": WARMUP,
-                        "converter": "convert_hf_to_gguf.py (Qwen3VLForConditionalGeneration -> arch qwen3vl)",
+                        "converter": f"convert_hf_to_gguf.py --outtype {base} (Qwen3VLForConditionalGeneration -> "
+                                     "arch qwen3vl), then llama_model_quantize",
                         "prompt_tokens": PROMPT_TOKENS},
-              "gguf_bytes": {}, "rss": {}, "fill": {}, "steps_ms": {}, "tensor_types": {}}
-    reference = files["reference"]
-    for kind in ("f32", "q4_0"):
-        log(f"llama.cpp {kind}: fill and decode at {lengths} cached tokens")
-        logits_file = files["dir"] / f"logits-{kind}.npy"
-        row = _worker(["measure", str(files[kind]), "--threads", str(threads), "--logits", str(logits_file),
-                       "--log", str(files["dir"] / f"llama-{kind}.log"), "--lengths", *map(str, lengths)])
-        result[f"{kind}_ms"] = {int(n): ms for n, ms in row["ms"].items()}  # JSON made the lengths strings
-        result["gguf_bytes"][kind] = files[kind].stat().st_size
-        result["rss"][kind] = row["rss"]
-        result["fill"][kind] = {int(n): fill for n, fill in row["fill"].items()}
-        result["steps_ms"][kind] = {int(n): steps for n, steps in row["steps_ms"].items()}  # warm-up first
-        result["tensor_types"][kind] = row["tensor_types"]
-        result["setup"].update(row["setup"])  # the same for both files: system info, flash attention, cache type
-        result.setdefault("logit_check", {})[kind] = _compare(reference, logits_file)
+              "gguf_bytes": {}, "rss": {}, "fill": {}, "steps_ms": {}, "tensor_types": {}, "logit_check": {}}
+    peers = {}
+    try:
+        for kind in kinds:
+            log(f"llama.cpp {kind}: loading, logit check")
+            peers[kind] = Peer(files[kind], threads, longest + 256, files["dir"] / f"logits-{kind}.npy",
+                               files["dir"] / f"llama-{kind}.log")
+            result["setup"].update(peers[kind].info["setup"])  # the same for both: system info, flash attention
+            result["rss"][kind] = peers[kind].info["rss"]
+            result["gguf_bytes"][kind] = files[kind].stat().st_size
+            result["logit_check"][kind] = _compare(files["reference"], files["dir"] / f"logits-{kind}.npy")
+            result[f"{kind}_ms"], result["fill"][kind], result["steps_ms"][kind] = {}, {}, {}
+    except Exception as error:
+        for peer in peers.values():
+            peer.close()
+        return {"error": _one_line(error)}
+    return {"peers": peers, "result": result}
+
+
+def close_peers(peers: dict) -> dict:
+    """Ends the children; returns the result with their last resident memory and the tensor types they loaded."""
+    result = peers["result"]
+    for kind, peer in peers["peers"].items():
+        last = peer.close()
+        if last:
+            result["rss"][kind]["after_decode"] = last["rss"]
+            result["tensor_types"][kind] = last["tensor_types"]
     return result
+
+
+def _one_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}".strip(": ")
+
+
+class Peer:
+    """One GGUF loaded by llama.cpp in a child process, its cache filled and stepped on command."""
+
+    def __init__(self, path: Path, threads: int, n_ctx: int, logits_file: Path, log_file: Path):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.llama_cpp", "--worker", "serve", str(path), "--threads", str(threads),
+             "--n-ctx", str(n_ctx), "--logits", str(logits_file), "--log", str(log_file)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        self.info = self._reply("load")
+
+    def fill(self, n: int) -> dict:
+        """The cache to exactly `n` tokens (dropping the end or decoding more): seconds and tokens decoded."""
+        return self._ask({"do": "fill", "n": n})
+
+    def step(self) -> float:
+        """ms of one decode step onto the cache (the new token is then dropped: the cache stays at its length)."""
+        return self._ask({"do": "step"})["ms"]
+
+    def prefill(self, k: int) -> float:
+        """ms of `k` new tokens onto the cache, in batches of N_BATCH (then dropped again)."""
+        return self._ask({"do": "prefill", "k": k})["ms"]
+
+    def close(self) -> dict | None:
+        if self.proc.poll() is not None:
+            return None
+        try:
+            return self._ask({"do": "close"})
+        except RuntimeError:
+            return None
+        finally:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+    def _ask(self, command: dict) -> dict:
+        try:
+            self.proc.stdin.write(json.dumps(command) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the child is gone: _reply says why
+        return self._reply(command["do"])
+
+    def _reply(self, what: str) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(WORKER_MARK):
+                return json.loads(line[len(WORKER_MARK):])
+        self.proc.wait()
+        lines = [line for line in self.proc.stderr.read().splitlines() if line.strip()]
+        raise RuntimeError(f"llama.cpp worker died at {what} (exit {self.proc.returncode}): "
+                           f"{lines[-1] if lines else 'no output'}")
 
 
 def _compare(reference_file: Path, logits_file: Path) -> dict:
@@ -107,33 +201,38 @@ def _compare(reference_file: Path, logits_file: Path) -> dict:
 
 # --- building the GGUF files (parent process) ---
 
-def _build(model, root: Path, threads: int, llama_version: str, log) -> dict:
-    """The F32 and Q4_0 GGUF files and transformers' prompt logits, made once per set of weights."""
+def _build(model, root: Path, threads: int, llama_version: str, log, base: str = "f32") -> dict:
+    """The `base` (F32 or F16) and Q4_0 GGUF files and transformers' prompt logits, made once per set of
+    weights."""
     key = _key(model)
     folder = root / key
     folder.mkdir(parents=True, exist_ok=True)
-    files = {"dir": folder, "f32": folder / "model-f32.gguf", "q4_0": folder / "model-q4_0.gguf",
+    files = {"dir": folder, base: folder / f"model-{base}.gguf", "q4_0": folder / "model-q4_0.gguf",
              "reference": folder / "reference-logits.npy"}
     commit = root / "src" / f"llama-cpp-python-{llama_version}" / "commit"
-    if not (files["f32"].exists() and files["reference"].exists()):
+    if not (files[base].exists() and files["reference"].exists()):
         hf = _hf_model(model)
         if not files["reference"].exists():
             _save_atomic(files["reference"], _reference_logits(hf))
-        if not files["f32"].exists():
+        if not files[base].exists():
             hf_dir = folder / "hf"
-            log(f"llama.cpp: saving the model to {hf_dir} and converting it to GGUF F32")
+            log(f"llama.cpp: saving the model to {hf_dir} and converting it to GGUF {base.upper()}")
+            if base == "f16":
+                import torch
+
+                hf.to(torch.float16)  # half the bytes on disk; the converter writes them as they are
             _save_hf(hf, hf_dir)
             del hf  # the converter reads the saved folder; the 3B-parameter model need not stay in memory
             converter = _converter(root, llama_version, log)
-            tmp = files["f32"].with_suffix(".tmp")
-            _run([sys.executable, str(converter), str(hf_dir), "--outtype", "f32", "--outfile", str(tmp)],
+            tmp = files[base].with_suffix(".tmp")
+            _run([sys.executable, str(converter), str(hf_dir), "--outtype", base, "--outfile", str(tmp)],
                  "convert_hf_to_gguf.py")
-            tmp.rename(files["f32"])
+            tmp.rename(files[base])
             shutil.rmtree(hf_dir)  # gigabytes that nothing reads again: the GGUF is what is kept
     if not files["q4_0"].exists():
-        log("llama.cpp: quantizing to Q4_0")
+        log(f"llama.cpp: quantizing {base.upper()} to Q4_0")
         tmp = files["q4_0"].with_suffix(".tmp")
-        _worker(["quantize", str(files["f32"]), str(tmp), "--threads", str(threads)])
+        _worker(["quantize", str(files[base]), str(tmp), "--threads", str(threads)])
         tmp.rename(files["q4_0"])
     files["commit"] = commit.read_text().strip() if commit.exists() else "unknown"
     return files
@@ -362,7 +461,8 @@ class _Session:
         self.llama.llama_free(self.ctx)
 
 
-def _measure(path: str, lengths: list[int], threads: int, logits_file: str, log_file: str) -> dict:
+def _serve(path: str, threads: int, n_ctx: int, logits_file: str, log_file: str) -> None:
+    """The child's side of a `Peer`: load, check the prompt's logits, answer one JSON line per command."""
     import numpy as np
 
     import llama_cpp as llama
@@ -383,41 +483,52 @@ def _measure(path: str, lengths: list[int], threads: int, logits_file: str, log_
 
     # ... and the timing context, llama.cpp's defaults (F16 cache, flash attention auto), whose fill starts with
     # the same prompt, so the logits a default user gets come for free.
-    n_ctx = max(lengths) + 256  # the timed steps go a few tokens past the longest length
     session = _Session(llama, model, n_ctx, threads)
     rss["context"] = _rss()["now"]
-    tokens = _tokens(max(lengths) + STEPS + WARMUP)
+    tokens = _tokens(n_ctx)
     session.decode(prompt, 0, logits="all")
     default = np.stack([session.logits(i) for i in range(len(prompt))])
     np.save(logits_file, np.stack([exact, default]).astype(np.float32))
+    position = len(prompt)
 
-    ms, steps_ms, fill, position, fill_seconds = {}, {}, {}, len(prompt), 0.0
-    for n in lengths:  # one fill, extended from one length to the next, instead of a fresh one per length
-        begin, start = position, time.perf_counter()
-        while position < n:
-            chunk = tokens[position:min(n, position + N_BATCH)]
-            session.decode(chunk, position)
-            position += len(chunk)
-        seconds = time.perf_counter() - start
-        fill_seconds += seconds
-        # prefill seconds so far (the prompt's tokens aside), and the rate of the stretch from the last length
-        fill[n] = {"seconds_total": round(fill_seconds, 2),
-                   "tokens_per_s": round((n - begin) / seconds, 1) if n > begin else None}
-        steps = []
-        for i in range(WARMUP + STEPS):  # one token at n, n+1, ...: what generating the next tokens costs
-            start = time.perf_counter()
-            session.decode([tokens[n + i]], n + i)
-            session.logits(0)
-            steps.append((time.perf_counter() - start) * 1e3)
-        ms[n], steps_ms[n] = statistics.median(steps[WARMUP:]), [round(t, 2) for t in steps]
-        session.forget_from(n)
-    rss["after_decode"] = _rss()
+    def answer(result: dict) -> None:
+        print(WORKER_MARK + json.dumps(result), flush=True)
+
+    def timed(new: list[int]) -> float:
+        """ms to decode `new` at the cache's end, then forget them: the cache keeps its length."""
+        start = time.perf_counter()
+        for i in range(0, len(new), N_BATCH):
+            session.decode(new[i:i + N_BATCH], position + i)
+        session.logits(-1)  # the last token's, as a generating user would read them
+        ms = (time.perf_counter() - start) * 1e3
+        session.forget_from(position)
+        return ms
+
+    answer({"rss": rss, "setup": {"system_info": llama.llama_print_system_info().decode().strip(),
+                                  "flash_attn": _flash_attention(log.text()), "kv_cache": "f16 (default)",
+                                  "n_ctx": n_ctx}})
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["do"] == "fill":
+            n, start, begin = command["n"], time.perf_counter(), position
+            if position > n:
+                session.forget_from(n)
+                position = n
+            while position < n:
+                chunk = tokens[position:min(n, position + N_BATCH)]
+                session.decode(chunk, position)
+                position += len(chunk)
+            answer({"seconds": round(time.perf_counter() - start, 3), "tokens": position - begin})
+        elif command["do"] == "step":
+            answer({"ms": timed(tokens[position:position + 1])})
+        elif command["do"] == "prefill":
+            answer({"ms": timed(tokens[position:position + command["k"]])})
+        elif command["do"] == "close":
+            text = log.text()
+            Path(log_file).write_text(text)  # llama.cpp's own account of the load and the contexts
+            answer({"rss": _rss(), "tensor_types": _tensor_types(text)})
+            break
     session.close()
-    text = log.text()
-    Path(log_file).write_text(text)  # llama.cpp's own account of the load and the contexts, for a closer look
-    return {"ms": ms, "steps_ms": steps_ms, "fill": fill, "rss": rss, "tensor_types": _tensor_types(text),
-            "setup": {"system_info": llama.llama_print_system_info().decode().strip(),
-                      "flash_attn": _flash_attention(text), "kv_cache": "f16 (default)", "n_ctx": n_ctx}}
 
 
 def _flash_attention(log_text: str) -> str:
@@ -442,18 +553,17 @@ def _tensor_types(log_text: str) -> dict:
 
 def _worker_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.llama_cpp --worker")
-    p.add_argument("mode", choices=["measure", "quantize"])
+    p.add_argument("mode", choices=["serve", "quantize"])
     p.add_argument("paths", nargs="+")
     p.add_argument("--threads", type=int, required=True)
-    p.add_argument("--lengths", type=int, nargs="+")
+    p.add_argument("--n-ctx", type=int)
     p.add_argument("--logits")
     p.add_argument("--log")
     args = p.parse_args(argv)
     if args.mode == "quantize":
-        result = _quantize(*args.paths, args.threads)
+        print(WORKER_MARK + json.dumps(_quantize(*args.paths, args.threads)), flush=True)
     else:
-        result = _measure(args.paths[0], args.lengths, args.threads, args.logits, args.log)
-    print(WORKER_MARK + json.dumps(result), flush=True)
+        _serve(args.paths[0], args.threads, args.n_ctx, args.logits, args.log)
     return 0
 
 

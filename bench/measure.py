@@ -27,6 +27,17 @@ def median_ms(fn, repeat: int = 5, warmup: int = 1) -> float:
     return statistics.median(call_ms(fn) for _ in range(repeat))
 
 
+class SelfTimed:
+    """A side that times itself and returns its ms (llama.cpp in its child process: the pipe's round trip between
+    the processes is not llama.cpp's time)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self) -> float:
+        return self.fn()
+
+
 def rounds(sides: dict, count: int = 5, warmup: int = 1) -> dict[str, list[float]]:
     """{name: callable} timed in turn (a, b, c, a, b, c, ...), `count` rounds after `warmup`: {name: [ms]}."""
     for _ in range(warmup):
@@ -35,7 +46,7 @@ def rounds(sides: dict, count: int = 5, warmup: int = 1) -> dict[str, list[float
     times = {name: [] for name in sides}
     for _ in range(count):
         for name, fn in sides.items():
-            times[name].append(call_ms(fn))
+            times[name].append(fn() if isinstance(fn, SelfTimed) else call_ms(fn))
     return times
 
 
@@ -153,12 +164,14 @@ def _best_ms(fn, repeat: int) -> float:
     return min(call_ms(fn) for _ in range(repeat))
 
 
-def read_gbs(threads: int, megabytes: int = 512, repeat: int = 5) -> dict[str, float]:
+def read_gbs(threads: int, megabytes: int = 512, repeat: int = 20) -> dict[str, float]:
     """Streaming read bandwidth (GB/s) by three methods, each over data far larger than the caches and the best of
     `repeat` calls: "gemv", ONNX Runtime's fp32 1 x 4096 by 4096 x N product with the matrix as an input (never
     prepacked: the kernel every fp32 weight of a decode step goes through); "int4_gemv", its MatMulNBits (4 bits,
     block 32, accuracy_level 4, prepacked: the int4 decode's kernel), counting packed codes and scales; "numpy",
-    numpy summing a float32 array on one core (no ONNX Runtime at all)."""
+    numpy summing a float32 array on one core (no ONNX Runtime at all). Many calls, because this virtual machine's
+    bandwidth moves from call to call (24 to 41 GB/s over 4 s of back-to-back GEMVs here), and a floor wants its
+    peak."""
     from onnx import helper, numpy_helper
 
     k, size = 4096, megabytes * 2**20

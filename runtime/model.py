@@ -39,6 +39,7 @@ class Model:
         self.provider_options = provider_options or {}
         self.device, self.device_id = device_of(self.providers[0], self.provider_options)
         self.threads = threads
+        self.profile_prefix: str | None = None  # set: sessions made from now on profile themselves (bench.profile)
         self.embed_table = np.load(manifest.path(manifest["embeddings"]["file"]), mmap_mode="r")  # never loaded whole
         self._sessions: dict = {}  # (graph, fixed dims) -> session
         self._prepacked: set[str] = set()  # graphs whose dynamic-shape session packs its own copy of shared weights
@@ -59,6 +60,8 @@ class Model:
             # server (micro, 32 live streams: 802 of 1,920 chunks dropped spinning, 20 not) and the CLI (60 s
             # clip: 2.0 s -> 1.3 s); a decode step of the real widths costs the same either way.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            if self.profile_prefix:
+                options.enable_profiling, options.profile_file_prefix = True, f"{self.profile_prefix}{graph}"
             for name, value in (dims or {}).items():
                 options.add_free_dimension_override_by_name(name, int(value))
             shared = self._shared_weights(graph)

@@ -122,3 +122,15 @@ def test_floors_divide_by_the_best_probe_and_catch_a_step_under_its_floor(tiny_g
     assert len(out["below_floor"]) == 1 and out["below_floor"][0].startswith("fp32 decode step at 64")
     decode["onnx_ms"][64] = floor_64 * 1.1
     assert _floors(floors, model, model, results, quick=False)["below_floor"] == []
+
+
+def test_profile_splits_a_step_into_weight_products_and_the_rest(tiny_graphs):
+    """bench.profile: the runtime's own session profiled; every kernel counted once, in one class; the bound is
+    what the profile says (total over what is left if the weight products cost nothing)."""
+    from bench.profile import profile
+
+    r = profile(tiny_graphs, past=64, new=16, runs=3)
+    assert r["graph"] == "prefill" and r["total_ms"] > 0
+    assert abs(sum(r["ms"].values()) - r["total_ms"]) < 1e-6
+    assert 0 < r["weight_products_share"] < 1 and "MatMul" in r["ms"]  # attention's products are not on weights
+    assert abs(r["bound_if_products_were_free"] - 1 / (1 - r["weight_products_share"])) < 1e-9

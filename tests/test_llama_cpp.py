@@ -1,6 +1,7 @@
 """llama.cpp as the bench's peer: a missing llama.cpp is a one-line error; present, it runs the same tiny model."""
 
 import importlib.metadata
+import json
 import os
 
 import pytest
@@ -45,3 +46,29 @@ def test_tiny_model_through_llama_cpp_matches_transformers(tmp_path, monkeypatch
         assert result["gguf_bytes"][kind] > 0 and result["rss"][kind]["model_loaded"] > 0
     assert result["gguf_bytes"]["q4_0"] < result["gguf_bytes"]["f32"]
     assert "q4_0" in result["tensor_types"]["q4_0"]
+
+
+def test_bench_full_times_int4_and_q4_0_in_turn(tmp_path, monkeypatch):
+    """`make bench-full`'s plumbing on the tiny model: the int4 export, llama.cpp's F16 conversion and Q4_0, both
+    timed in turn at each length and for a fill, ratios with ranges, floors probed, a table written."""
+    pytest.importorskip("llama_cpp")
+    source = _converter_source()
+    if source is None:
+        pytest.skip("no llama.cpp converter here: set LLAMA_CPP_SRC or run `python -m bench.llama_cpp` once")
+    monkeypatch.setenv("LLAMA_CPP_SRC", source)
+    from bench.full import main
+
+    assert main(["--model", "tiny", "--lengths", "32", "64", "--prefill", "16", "--rounds", "2", "--root",
+                 str(tmp_path / "root"), "--results", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "full.json").read_text())
+    assert result["setup"]["llama_cpp"]["converter"].startswith("convert_hf_to_gguf.py --outtype f16")
+    made = {path.name for path in (tmp_path / "root" / "llama").glob("*/*.gguf")}
+    assert made == {"model-f16.gguf", "model-q4_0.gguf"}  # no F32 file: the whole 4B's would not fit
+    for n in ("32", "64"):
+        assert len(result["times_ms"]["decode"][n]["int4"]) == len(result["times_ms"]["decode"][n]["llama_q4_0"]) == 2
+        r = result["decode_vs_q4_0"][n]
+        assert r["range"][0] <= r["median"] <= r["range"][1] and r["median"] > 0
+    assert result["prefill_ms"]["int4"] > 0 and result["prefill_ms"]["llama_q4_0"] > 0
+    assert result["llama_logit_check"]["q4_0"]["tokens"] == 16 and result["resident_mib"]["int4"] > 0
+    assert len(result["floors"]["probes"]) == 2 and "| prefill, 16 tokens onto 64 |" in (
+        tmp_path / "out" / "full.md").read_text()
