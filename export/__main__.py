@@ -1,11 +1,11 @@
 """python -m export --model NAME|FOLDER|HUB_ID [--out graphs/NAME] [--dtype fp32] [--random-weights] [--force]
-[--no-verify] [--no-migraphx] [--quant int4 [--quant-form matmulnbits|dequantizelinear]]"""
+[--no-verify] [--no-migraphx] [--quant int4 [--quant-form matmulnbits|dequantizelinear] [--quant-block 32|64|128]]"""
 
 import argparse
 import sys
 
 from .pipeline import DTYPES, QUANTS, ExportOptions, run
-from .quantize import FORMS
+from .quantize import BLOCKS, FORMS
 
 
 def main(argv=None) -> int:
@@ -26,6 +26,9 @@ def main(argv=None) -> int:
                              "the float graphs of --dtype (default out: graphs/<name>-int4)")
     parser.add_argument("--quant-form", choices=FORMS, default="matmulnbits",
                         help="com.microsoft MatMulNBits (default) or standard DequantizeLinear + MatMul (opset 21)")
+    parser.add_argument("--quant-block", type=int, choices=BLOCKS, default=32,
+                        help="weights per scale (default 32, as llama.cpp's Q4_0); 128 runs ONNX Runtime's CPU "
+                             "kernel about 1.5x faster, at a coarser rounding")
     args = parser.parse_args(argv)
     from runtime.manifest import ManifestError
 
@@ -34,7 +37,7 @@ def main(argv=None) -> int:
 
     try:
         run(ExportOptions(args.model, args.out, args.dtype, args.random_weights, args.force, args.verify,
-                          args.migraphx, args.quant, args.quant_form))
+                          args.migraphx, args.quant, args.quant_form, args.quant_block))
     except (SourceError, ManifestError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -42,6 +42,7 @@ class ExportOptions:
     migraphx: bool = True  # with verify: also prove the graphs on MIGraphX's ref target when it is importable
     quant: str | None = None  # "int4": 4-bit weights in the decoder's matrix products (export/quantize.py)
     quant_form: str = "matmulnbits"  # or "dequantizelinear" (standard ONNX, opset 21)
+    quant_block: int = 32  # weights per scale (export/quantize.py: BLOCKS); bigger is faster on CPU, coarser
 
 
 def run(opts: ExportOptions, log=print) -> Path:
@@ -51,6 +52,9 @@ def run(opts: ExportOptions, log=print) -> Path:
         raise SourceError(f"quantization {opts.quant!r} is not available; use one of {', '.join(QUANTS)}")
     if opts.quant_form not in quantize.FORMS:
         raise SourceError(f"unknown quantized form {opts.quant_form!r}; use one of {', '.join(quantize.FORMS)}")
+    if opts.quant_block not in quantize.BLOCKS:
+        raise SourceError(f"unsupported block size {opts.quant_block}; use one of "
+                          f"{', '.join(map(str, quantize.BLOCKS))}")
     source = resolve(opts.model, opts.random_weights)
     out = _out(opts, source)
     if not opts.force and _up_to_date(out, source, opts):
@@ -126,7 +130,7 @@ def _quantize(out: Path, manifest: dict, opts: ExportOptions, random_weights: bo
     # random weights: only the first step (the budget's end-to-end numbers do not measure quality there)
     steps = [()] if random_weights else quality.ladder(manifest["text"]["num_hidden_layers"])
     for eight_bit in steps:
-        scheme = quantize.Scheme(form=opts.quant_form, eight_bit=eight_bit)
+        scheme = quantize.Scheme(block_size=opts.quant_block, form=opts.quant_form, eight_bit=eight_bit)
         shutil.rmtree(stage, ignore_errors=True)
         stats = quantize.quantize_folder(out, stage, scheme, log=log)
         np.save(stage / "embed_tokens.npy", table.astype(np.float16))  # looked up, never multiplied: fp16 is plenty
@@ -213,9 +217,10 @@ def _up_to_date(out: Path, source: Source, opts: ExportOptions) -> bool:
     except ManifestError:
         return False
     quant = manifest.data.get("quantization") or {}
-    form = quant.get("scheme", {}).get("form", opts.quant_form)
+    scheme = quant.get("scheme", {})
     return (manifest["source"]["identity"] == source.identity and manifest["dtype"] == opts.dtype
-            and quant.get("name") == opts.quant and form == opts.quant_form)
+            and quant.get("name") == opts.quant and scheme.get("form", opts.quant_form) == opts.quant_form
+            and scheme.get("block_size", opts.quant_block) == opts.quant_block)
 
 
 def _make_room(out: Path, force: bool) -> None:

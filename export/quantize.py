@@ -33,6 +33,7 @@ import onnx
 from onnx import TensorProto, helper
 
 FORMS = ("matmulnbits", "dequantizelinear")
+BLOCKS = (32, 64, 128)  # weights per scale along K; llama.cpp's Q4_0 uses 32
 ALIGN = 64  # bytes: every tensor in the data file starts on a cache line
 ROWS_PER_PASS = 2048  # output columns quantized at once: bounds the temporaries for a 152k x 2560 LM head
 MS_DOMAIN = "com.microsoft"

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import cli, hf_folder
 from export import migraphx_ref
 from export.check import check, check_model
+from export.load import SourceError
 from export.pipeline import ExportOptions, run
 from export.quality import BUDGET
 from export.quantize import Scheme, dequantize, quantize_blocks, quantize_folder
@@ -268,3 +269,21 @@ def test_real_width_int4_is_as_good_as_noise_of_its_size(tmp_path):
     if noise["ppl_ratio"] is not None:  # forced tokens the float model finds plausible (random: a few, or none)
         assert np.log(q["quality"]["ppl_ratio"]) <= 1.5 * abs(np.log(noise["ppl_ratio"])) + 0.01
     assert q["quantized_matrices"] == 7 + 1 and q["quantized_bytes"] < 0.17 * q["float_bytes"]
+
+
+def test_coarser_blocks_are_an_export_option(micro_int4, tmp_path):
+    """--quant-block 128: one scale per 128 weights (ONNX Runtime's CPU kernel runs it faster than blocks of 32),
+    written into the graphs and the manifest, held to the same budget, and never mistaken for a block-32 export."""
+    out = run(ExportOptions("micro", tmp_path / "b128", quant="int4", quant_block=128, verify=False))
+    q = Manifest.load(out)["quantization"]
+    assert q["scheme"]["block_size"] == 128 and q["quantized_matrices"] == 4 * 7 + 1
+    within_budget(q["quality"])
+    graph = onnx.load(str(out / "decoder.onnx"), load_external_data=False).graph
+    blocks = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+    assert blocks == {128}
+    assert q["weight_rel_error"]["mean"] > Manifest.load(micro_int4)["quantization"]["weight_rel_error"]["mean"]
+    # an existing block-32 export is neither reused for block 128 nor replaced without --force
+    with pytest.raises(SourceError, match="a different export"):
+        run(ExportOptions("micro", micro_int4, quant="int4", quant_block=128, verify=False))
+    with pytest.raises(SourceError, match="block size"):
+        run(ExportOptions("micro", tmp_path / "b48", quant="int4", quant_block=48))
