@@ -141,3 +141,22 @@ def test_the_traced_weights_are_freed_after_export(tmp_path):
     del model
     gc.collect()
     assert weight() is None
+
+
+def test_onnx_runtime_fuses_every_decoder_norm(tiny_graphs, tmp_path):
+    """The decoder's RMSNorms are written in the pattern ONNX Runtime fuses (x / sqrt(mean(x^2) + eps) * w): after
+    its optimizer each one is a single SimplifiedLayerNormalization, none is left as Pow/ReduceMean/Reciprocal."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    layers = Manifest.load(tiny_graphs)["text"]["num_hidden_layers"]
+    for graph in ("decoder", "prefill"):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{graph}.onnx")
+        ort.InferenceSession(str(tiny_graphs / f"{graph}.onnx"), options, providers=["CPUExecutionProvider"])
+        ops = collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath,
+                                                               load_external_data=False).graph.node)
+        assert ops["SimplifiedLayerNormalization"] == 4 * layers + 1, ops  # input, post-attention, q, k; final
+        assert ops["Pow"] == ops["ReduceMean"] == ops["Reciprocal"] == 0, ops
