@@ -65,13 +65,12 @@ def main(argv=None) -> int:
     print(f"decode step at {lengths} cached tokens ({wide.describe()['model']}): {names} in turn", flush=True)
     decode = {}
     for n in lengths:
-        fills = {kind: peer.fill(n) for kind, peer in llama.items()}
+        for kind, peer in llama.items():
+            peers["result"]["fill"][kind][n] = peer.fill(n)
         decode[n] = measure.rounds({"onnx": measure.onnx_step(model, n, 1), "int4": measure.onnx_step(int4, n, 1),
                                     "torch": measure.torch_step(hf, n, 1),
                                     **{f"llama_{kind}": measure.SelfTimed(peer.step) for kind, peer in llama.items()}},
                                    count)
-        for kind, fill in fills.items():
-            peers["result"]["fill"][kind][n] = fill
     print(f"chunk prefill ({new} tokens onto {past}): {names} in turn", flush=True)
     for peer in llama.values():
         peer.fill(past)
