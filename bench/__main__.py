@@ -127,8 +127,10 @@ def _int4(exports, model, setup: dict, decode: dict, prefill: dict, threads: int
     llama.cpp (F32 and Q4_0 GGUF of the same weights), all timed in the same rounds; resident memory of ours."""
     wide, quant = exports["wide"], exports["wide_int4"]
     lengths = sorted(decode)
-    out = {"setup": {**setup, **quant.describe(), "dtype": "int4 weights (MatMulNBits, block 32, accuracy_level 4), "
-                                                           "fp32 activations and cache"},
+    block = model.manifest["quantization"]["scheme"]["block_size"]
+    out = {"setup": {**setup, **quant.describe(),
+                     "dtype": f"int4 weights (MatMulNBits, block {block}, accuracy_level 4), fp32 activations "
+                              "and cache"},
            **{key: model.manifest["quantization"][key] for key in ("scheme", "quality", "weight_rel_error",
                                                                    "budget_applies")},
            "decode_ms": {n: statistics.median(decode[n]["int4"]) for n in lengths},

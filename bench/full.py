@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
     p.add_argument("--prefill", type=int, default=740, help="new tokens of the timed fill onto the longest length")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--quant-block", type=int, help="weights per int4 scale of our export (default: make export's)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime and llama.cpp threads (0 = all cores)")
     p.add_argument("--root", default="build/bench-full", help="where the exports and GGUF files are kept")
     p.add_argument("--results", default="bench/results")
@@ -39,7 +40,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     print(f"{args.model} int4 (random weights): the export, reused when up to date", flush=True)
     bench = BenchModel(_export(ExportOptions(args.model, root / f"{args.model}-int4", random_weights=True,
-                                             verify=False, quant="int4"), log=print), args.model)
+                                             verify=False, quant="int4", quant_block=args.quant_block),
+                               log=print), args.model)
     print("llama.cpp: F16 GGUF of the same weights, then Q4_0", flush=True)
     peers = open_peers(args.model, lengths[-1] + args.prefill, threads, root / "llama", kinds=("q4_0",), base="f16")
     if "error" in peers:
@@ -48,6 +50,7 @@ def main(argv=None) -> int:
     floors = measure.Floors(threads, quick=False)
     floors.probe("start")
     model, peer = bench.model(threads), peers["peers"]["q4_0"]
+    block = model.manifest["quantization"]["scheme"]["block_size"]
     decode, fills = {}, {}
     for n in lengths:
         print(f"decode at {n} cached tokens: int4 and llama.cpp Q4_0 in turn", flush=True)
@@ -64,7 +67,7 @@ def main(argv=None) -> int:
     floors.probe("end")
     llama = close_peers(peers)
     result = {"setup": {**bench.describe(), "threads": threads, "rounds": args.rounds, "weights": "random",
-                        "ours": "ONNX Runtime CPU, int4 MatMulNBits (block 32, accuracy_level 4), fp32 cache",
+                        "ours": f"ONNX Runtime CPU, int4 MatMulNBits (block {block}, accuracy_level 4), fp32 cache",
                         "llama_cpp": llama["setup"]},
               "decode_ms": {n: {k: statistics.median(t) for k, t in decode[n].items()} for n in lengths},
               "decode_vs_q4_0": {n: measure.ratio(decode[n]["llama_q4_0"], decode[n]["int4"]) for n in lengths},

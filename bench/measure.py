@@ -164,11 +164,11 @@ def _best_ms(fn, repeat: int) -> float:
     return min(call_ms(fn) for _ in range(repeat))
 
 
-def read_gbs(threads: int, megabytes: int = 512, repeat: int = 20) -> dict[str, float]:
+def read_gbs(threads: int, megabytes: int = 512, repeat: int = 20, block: int = 128) -> dict[str, float]:
     """Streaming read bandwidth (GB/s) by three methods, each over data far larger than the caches and the best of
     `repeat` calls: "gemv", ONNX Runtime's fp32 1 x 4096 by 4096 x N product with the matrix as an input (never
     prepacked: the kernel every fp32 weight of a decode step goes through); "int4_gemv", its MatMulNBits (4 bits,
-    block 32, accuracy_level 4, prepacked: the int4 decode's kernel), counting packed codes and scales; "numpy",
+    block `block`, accuracy_level 4, prepacked: the int4 decode's kernel), counting packed codes and scales; "numpy",
     numpy summing a float32 array on one core (no ONNX Runtime at all). Many calls, because this virtual machine's
     bandwidth moves from call to call (24 to 41 GB/s over 4 s of back-to-back GEMVs here), and a floor wants its
     peak."""
@@ -182,12 +182,12 @@ def read_gbs(threads: int, megabytes: int = 512, repeat: int = 20) -> dict[str, 
     feeds = {"a": np.ones((1, k), np.float32), "b": matrix}
     out["gemv"] = matrix.nbytes / _best_ms(lambda: gemv.run(None, feeds), repeat) / 1e6
     del gemv, feeds, matrix
-    n = size // (k // 2 + k // 32 * 4)  # columns: 4-bit codes and one fp32 scale per 32 weights
+    n = size // (k // 2 + k // block * 4)  # columns: 4-bit codes and one fp32 scale per block
     rng = np.random.default_rng(0)
-    codes = rng.integers(0, 256, (n, k // 32, 16), dtype=np.uint8)
-    scales = np.full((n, k // 32), 0.01, np.float32)
+    codes = rng.integers(0, 256, (n, k // block, block // 2), dtype=np.uint8)
+    scales = np.full((n, k // block), 0.01, np.float32)
     int4 = _session(helper.make_node("MatMulNBits", ["a", "B", "scales"], ["y"], domain="com.microsoft", K=k, N=n,
-                                     bits=4, block_size=32, accuracy_level=4),
+                                     bits=4, block_size=block, accuracy_level=4),
                     {"a": (np.float32, [1, k])}, threads,
                     [numpy_helper.from_array(codes, "B"), numpy_helper.from_array(scales, "scales")])
     a = {"a": np.ones((1, k), np.float32)}

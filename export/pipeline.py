@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,7 @@ class ExportOptions:
     migraphx: bool = True  # with verify: also prove the graphs on MIGraphX's ref target when it is importable
     quant: str | None = None  # "int4": 4-bit weights in the decoder's matrix products (export/quantize.py)
     quant_form: str = "matmulnbits"  # or "dequantizelinear" (standard ONNX, opset 21)
-    quant_block: int = 32  # weights per scale (export/quantize.py: BLOCKS); bigger is faster on CPU, coarser
+    quant_block: int | None = None  # weights per scale (export/quantize.py: BLOCKS); None: quantize.default_block
 
 
 def run(opts: ExportOptions, log=print) -> Path:
@@ -52,10 +52,15 @@ def run(opts: ExportOptions, log=print) -> Path:
         raise SourceError(f"quantization {opts.quant!r} is not available; use one of {', '.join(QUANTS)}")
     if opts.quant_form not in quantize.FORMS:
         raise SourceError(f"unknown quantized form {opts.quant_form!r}; use one of {', '.join(quantize.FORMS)}")
-    if opts.quant_block not in quantize.BLOCKS:
+    if opts.quant_block not in (None, *quantize.BLOCKS):
         raise SourceError(f"unsupported block size {opts.quant_block}; use one of "
                           f"{', '.join(map(str, quantize.BLOCKS))}")
     source = resolve(opts.model, opts.random_weights)
+    opts = _with_block(opts, source)
+    fits = quantize.blocks(source.config.text_config)
+    if opts.quant and opts.quant_block not in fits:
+        raise SourceError(f"block size {opts.quant_block} does not fit {source.name}'s widths (a whole number of "
+                          f"blocks, at least two, along every product's inner size); use {', '.join(map(str, fits))}")
     out = _out(opts, source)
     if not opts.force and _up_to_date(out, source, opts):
         log(f"{out}: up to date ({source.identity}), reusing it; --force exports again")
@@ -204,7 +209,13 @@ def _peak_memory() -> str:
 def up_to_date(opts: ExportOptions) -> bool:
     """Whether `opts.out` already holds this export, made by this version (run() would reuse it)."""
     source = resolve(opts.model, opts.random_weights)
+    opts = _with_block(opts, source)
     return _up_to_date(_out(opts, source), source, opts)
+
+
+def _with_block(opts: ExportOptions, source: Source) -> ExportOptions:
+    """The block size `opts` asks for, or the model's default (export/quantize.py: default_block)."""
+    return opts if opts.quant_block else replace(opts, quant_block=quantize.default_block(source.config.text_config))
 
 
 def _out(opts: ExportOptions, source: Source) -> Path:
@@ -220,7 +231,7 @@ def _up_to_date(out: Path, source: Source, opts: ExportOptions) -> bool:
     scheme = quant.get("scheme", {})
     return (manifest["source"]["identity"] == source.identity and manifest["dtype"] == opts.dtype
             and quant.get("name") == opts.quant and scheme.get("form", opts.quant_form) == opts.quant_form
-            and scheme.get("block_size", opts.quant_block) == opts.quant_block)
+            and scheme.get("block_size") in (None, opts.quant_block))
 
 
 def _make_room(out: Path, force: bool) -> None:
