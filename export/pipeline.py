@@ -60,7 +60,8 @@ def run(opts: ExportOptions, log=print) -> Path:
     fits = quantize.blocks(source.config.text_config)
     if opts.quant and opts.quant_block not in fits:
         raise SourceError(f"block size {opts.quant_block} does not fit {source.name}'s widths (a whole number of "
-                          f"blocks, at least two, along every product's inner size); use {', '.join(map(str, fits))}")
+                          f"blocks, at least two, along every product's inner size); "
+                          + (f"use {', '.join(map(str, fits))}" if fits else "no block size does"))
     out = _out(opts, source)
     if not opts.force and _up_to_date(out, source, opts):
         log(f"{out}: up to date ({source.identity}), reusing it; --force exports again")

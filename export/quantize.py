@@ -69,8 +69,8 @@ def blocks(text_config) -> tuple[int, ...]:
 
 def default_block(text_config) -> int:
     """The largest block that fits (`blocks`): 128 for every Qwen3-VL size, smaller only for the small test models
-    (micro 64, tiny 32), so that every product is quantized."""
-    return max(blocks(text_config))
+    (micro 64, tiny 32), so that every product is quantized; the smallest where none fits (the export refuses it)."""
+    return max(blocks(text_config), default=BLOCKS[0])
 
 
 def quantize_blocks(w: np.ndarray, bits: int, block: int, scale_dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
