@@ -52,12 +52,9 @@ def run(opts: ExportOptions, log=print) -> Path:
         raise SourceError(f"quantization {opts.quant!r} is not available; use one of {', '.join(QUANTS)}")
     if opts.quant_form not in quantize.FORMS:
         raise SourceError(f"unknown quantized form {opts.quant_form!r}; use one of {', '.join(quantize.FORMS)}")
-    if opts.quant_block not in (None, *quantize.BLOCKS):
-        raise SourceError(f"unsupported block size {opts.quant_block}; use one of "
-                          f"{', '.join(map(str, quantize.BLOCKS))}")
     source = resolve(opts.model, opts.random_weights)
     opts = _with_block(opts, source)
-    fits = quantize.blocks(source.config.text_config)
+    fits = quantize.blocks(source.config.text_config)  # a subset of quantize.BLOCKS: also refuses an unknown size
     if opts.quant and opts.quant_block not in fits:
         raise SourceError(f"block size {opts.quant_block} does not fit {source.name}'s widths (a whole number of "
                           f"blocks, at least two, along every product's inner size); "
