@@ -135,13 +135,15 @@ class Streams:
         return self.encoded[text]
 
     def example(self, rng: np.random.Generator, seed: int, first: int, last: int, max_objects: int, noise: float,
-                questions: float = 0.0, query: str | None = QUERY, replies=None, script=None) -> dict:
+                questions: float = 0.0, query: str | None = QUERY, replies=None, script=None,
+                weights: dict | None = None) -> dict:
         """Chunks `first`..`last` of World(seed) fed as a stream; the commentary of the seconds before `first` is
         the previous text it starts from (their true captions, folded and trimmed as eviction would). That previous
         text is fed as one block with the first chunk's prompt, so its keys and values are the one part not computed
         as the runtime computed them (there, each caption was a reply in its own round); everything fed from `first`
         on is exactly the runtime's. `questions`:
-        the chance that a chunk's user turn asks a question (world.Asker), whose answer is then the reply.
+        the chance that a chunk's user turn asks a question (world.Asker, with its kind `weights`), whose answer
+        is then the reply.
         `replies` ({chunk: token ids}) and `script` ({chunk: question text}) replace the true replies and the
         world's questions (tests: what a runtime said and was asked).
 
@@ -164,7 +166,7 @@ class Streams:
             return Segment(ids, np.arange(fed - len(ids), fed), grid, kind)
 
         world = World(seed, max_objects, noise)
-        asker = Asker(rng, questions)
+        asker = Asker(rng, questions, weights=weights)
         said = []
         for index in range(first):  # the seconds before: captioned, without questions (no frames needed)
             event = world.advance()

@@ -256,18 +256,26 @@ class Asker:
     that can be asked now. `maybe` is called for every chunk, in order, and records whether a question took the
     chunk's reply (`history`: what the commentary said)."""
 
-    def __init__(self, rng: np.random.Generator, rate: float, past: float = 0.4):
-        """`past`: the chance that a question tries the past kinds first (they are often not askable)."""
-        self.rng, self.rate, self.past = rng, rate, past
+    def __init__(self, rng: np.random.Generator, rate: float, past: float = 0.4, weights: dict | None = None):
+        """`past`: the chance that a question tries the past kinds first (they are often not askable). `weights`
+        ({kind: weight}, training): try the kinds in an order drawn by these weights instead."""
+        self.rng, self.rate, self.past, self.weights = rng, rate, past, weights
         self.history: list[Said] = []
+
+    def _order(self) -> list[str]:
+        if self.weights:
+            kinds = [k for k, w in self.weights.items() if w > 0]
+            w = np.array([self.weights[k] for k in kinds], float)
+            return [kinds[i] for i in self.rng.choice(len(kinds), len(kinds), replace=False, p=w / w.sum())]
+        first, then = (PAST, PRESENT) if self.rng.random() < self.past else (PRESENT, PAST)
+        return [str(k) for k in (*self.rng.permutation(first), *self.rng.permutation(then))]
 
     def maybe(self, index: int, event: Event, things) -> Question | None:
         """Chunk `index` (whose event is `event`, leaving `things`): a question, or None. Records the chunk."""
         question = None
         if self.rate and self.rng.random() < self.rate:
-            first, then = (PAST, PRESENT) if self.rng.random() < self.past else (PRESENT, PAST)
-            for kind in [*self.rng.permutation(first), *self.rng.permutation(then)]:
-                question = ask(str(kind), things, event, self.history, index, self.rng)
+            for kind in self._order():
+                question = ask(kind, things, event, self.history, index, self.rng)
                 if question is not None:
                     break
         self.history.append(Said(index, event, question is None))

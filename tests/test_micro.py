@@ -71,6 +71,11 @@ def test_world_questions_have_the_true_answers():
         kinds |= {question.kind} if question else set()
         assert asker.history[-1] == Said(index, event, question is None)
     assert kinds == {"count", "colour", "where", "appeared", "did"}
+    # training's kind weights: a kind of weight 0 is never asked, the others in proportion when askable
+    asker, world = Asker(np.random.default_rng(1), 1.0, weights={"where": 3, "count": 1, "did": 0}), World(2)
+    asked = [asker.maybe(i, world.advance(), world.things) for i in range(400)]
+    assert all(q is not None for q in asked) and {q.kind for q in asked} == {"where", "count"}
+    assert 0.65 < sum(q.kind == "where" for q in asked) / 400 < 0.85
 
 
 def test_folder_is_an_ordinary_hugging_face_folder():
@@ -202,11 +207,13 @@ def test_five_ten_minute_streams_captions_and_answers(micro_graphs):
     worse, better, p = paired([pair for s in streams for pair in s[-60:]], [pair for f in fresh for pair in f])
     assert p > 0.05, (worse, better)
     answers = table["answers"]
-    # Issue 20's targets are >= 95% (present) and >= 85% (past); the committed model measures 65.2% and 85.4%
-    # (README): these floors hold it to what it does, the targets are still open for "where" and "colour".
-    assert answers["present"]["exact"] >= 0.6 and answers["count"]["exact"] >= 0.9, answers
+    # Issue 20's targets are >= 95% (present) and >= 85% (past); the committed model measures 76.3% and 87.5%
+    # (README): the past target is asserted; for the present, floors just under what it does (the target is still
+    # open for "where" and "colour").
+    assert answers["present"]["exact"] >= 0.72 and answers["count"]["exact"] >= 0.95, answers
+    assert answers["where"]["exact"] >= 0.5 and answers["colour"]["exact"] >= 0.7, answers
     past = answers["past, out of the vision window"]
-    assert past["n"] >= 30 and past["exact"] >= 0.8, answers
+    assert past["n"] >= 30 and past["exact"] >= 0.85, answers
     control = table["shuffled"]
     assert control["captions"]["exact"] < 0.25 and control["captions"]["event"] < 0.4, control
     assert control["answers"]["present"]["exact"] < 0.5, control
