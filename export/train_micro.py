@@ -388,7 +388,7 @@ def main(argv=None) -> int:
     optimizer = torch.optim.AdamW([*model.parameters(), *probe.parameters()], lr=args.lr,
                                   weight_decay=0.01, betas=(0.9, 0.98))
     budget, start, step, history = args.minutes * 60, time.time(), 0, []
-    tally = np.zeros((len(KINDS), 2), np.int64)  # per reply kind: tokens right, tokens, since the last report
+    tally = np.zeros((len(KINDS), 2))  # per reply kind: tokens right, tokens, since the last report
     while (progress := (time.time() - start) / budget if args.steps is None else step / args.steps) < 1:
         elapsed = time.time() - start
         lr = args.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
@@ -405,9 +405,8 @@ def main(argv=None) -> int:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         history.append((loss.item(), right.float().mean().item(), *probe_accuracy))
-        kinds = torch.from_numpy(reply_kinds(examples))[rows]
-        for k in range(len(KINDS)):
-            tally[k] += [int(right[kinds == k].sum()), int((kinds == k).sum())]
+        kinds = reply_kinds(examples)[rows.numpy()]
+        tally += np.stack([np.bincount(kinds, right.numpy(), len(KINDS)), np.bincount(kinds, None, len(KINDS))], 1)
         step += 1
         if step % 25 == 0:
             h = np.mean(history[-25:], axis=0)
